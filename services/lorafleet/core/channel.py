@@ -1,0 +1,144 @@
+"""Client channels with the mesh's transport defaults, and a readiness probe.
+
+Retries live in the gRPC service config, not in client code: the channel retries
+UNAVAILABLE only (the server never started the work, so replaying is safe even
+for state-changing calls, which also carry a request_id). Every other code goes
+straight back to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import grpc.aio
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lorafleet.core.errors import Unavailable
+
+log = structlog.get_logger(__name__)
+
+# Outbound calls always carry a deadline; this is the one for calls that do not
+# know better (control-plane RPCs). Long calls (generation, training) pass their own.
+DEFAULT_TIMEOUT_S = 30.0
+# Matches ServiceSettings.max_message_bytes: big enough for a batch of token ids
+# and logprobs, small enough that adapter tensors go by reference, not inline.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_KEEPALIVE_TIME_MS = 30_000
+DEFAULT_KEEPALIVE_TIMEOUT_MS = 10_000
+
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}]})
+
+
+def channel_options(
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    keepalive_time_ms: int = DEFAULT_KEEPALIVE_TIME_MS,
+    keepalive_timeout_ms: int = DEFAULT_KEEPALIVE_TIMEOUT_MS,
+    retry: bool = True,
+) -> list[tuple[str, int | str]]:
+    """The channel arguments ``make_channel`` uses; exposed for custom channels."""
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+        # Idle connections between services must survive NAT/LB idle timeouts too.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", int(retry)),
+    ]
+    if retry:
+        options.append(("grpc.service_config", SERVICE_CONFIG))
+    return options
+
+
+def make_channel(
+    address: str,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    keepalive_time_ms: int = DEFAULT_KEEPALIVE_TIME_MS,
+    keepalive_timeout_ms: int = DEFAULT_KEEPALIVE_TIMEOUT_MS,
+    retry: bool = True,
+    interceptors: list[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    """An insecure asyncio channel to ``address`` (``host:port``)."""
+    return grpc.aio.insecure_channel(
+        address,
+        options=channel_options(
+            max_message_bytes=max_message_bytes,
+            keepalive_time_ms=keepalive_time_ms,
+            keepalive_timeout_ms=keepalive_timeout_ms,
+            retry=retry,
+        ),
+        interceptors=interceptors,
+    )
+
+
+def make_sync_channel(
+    address: str,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    keepalive_time_ms: int = DEFAULT_KEEPALIVE_TIME_MS,
+    keepalive_timeout_ms: int = DEFAULT_KEEPALIVE_TIMEOUT_MS,
+    retry: bool = True,
+) -> grpc.Channel:
+    """A blocking channel (CLI, scripts, benchmarks) with the same defaults."""
+    return grpc.insecure_channel(
+        address,
+        options=channel_options(
+            max_message_bytes=max_message_bytes,
+            keepalive_time_ms=keepalive_time_ms,
+            keepalive_timeout_ms=keepalive_timeout_ms,
+            retry=retry,
+        ),
+    )
+
+
+async def wait_for_serving(
+    address: str, service: str = "", timeout_s: float = DEFAULT_TIMEOUT_S
+) -> None:
+    """Poll ``grpc.health.v1.Health/Check`` until ``service`` is SERVING.
+
+    Raises:
+        Unavailable: reason ``NOT_SERVING`` when it is not SERVING within
+            ``timeout_s`` (the last status or error seen is in the message).
+    """
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    # Retries off: this loop is the retry policy, and a fresh answer per poll
+    # matters more than riding out one UNAVAILABLE.
+    async with make_channel(address, retry=False) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                response = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=service),
+                    timeout=min(remaining, 1.0),
+                )
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            except grpc.aio.AioRpcError as exc:
+                last = exc.code().name
+            await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+    log.warning("service_not_serving", address=address, service=service, last=last)
+    raise Unavailable(
+        f"{address} did not report {service or '<server>'} SERVING within {timeout_s}s"
+        f" (last: {last})",
+        reason="NOT_SERVING",
+        metadata={"address": address, "service": service, "last": last},
+    )
