@@ -1,0 +1,1005 @@
+"""The metadata store over SQLAlchemy async: SQLite (default) or PostgreSQL.
+
+Concurrency: every state change runs in one transaction that first locks the
+adapter's row (``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite the
+transaction is ``BEGIN IMMEDIATE``, which takes the database write lock up front,
+so the read-check-write below cannot interleave with another writer, in this
+process or another). The (adapter_id, version) primary key backs this up: a
+duplicate number can never commit.
+
+SQLite runs in WAL mode with ``synchronous=FULL`` (a commit survives power loss)
+and a busy timeout (writers queue instead of failing with "database is locked").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy import event
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from lorafleet.core.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
+from lorafleet.core.idempotency import StoredResponse
+from lorafleet.registry.store.schema import adapters, aliases, idempotency, metadata, versions
+from lorafleet.registry.types import (
+    LATEST,
+    Adapter,
+    FileDigest,
+    LoraSpec,
+    Reservation,
+    Version,
+    VersionState,
+)
+
+log = structlog.get_logger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_BEGIN_OPTION = "lorafleet_sqlite_begin"
+
+
+def _now_us() -> int:
+    return int(time.time() * 1_000_000)
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """A first answer to store in the same transaction as the change it
+    describes, so a crash can never leave one without the other."""
+
+    scope: str
+    request_id: str
+    fingerprint: bytes
+    encode: Callable[[Any], bytes]
+    """Turns the change's result into the serialized response."""
+
+
+async def _store_record(
+    conn: AsyncConnection, record: IdempotencyRecord | None, result: Any
+) -> None:
+    if record is None:
+        return
+    await conn.execute(
+        idempotency.insert().values(
+            scope=record.scope,
+            request_id=record.request_id,
+            fingerprint=record.fingerprint,
+            response=record.encode(result),
+            created_at=time.time(),
+        )
+    )
+
+
+@dataclass(frozen=True)
+class AbandonedAttempt:
+    adapter_id: str
+    version: int
+    attempt_id: str
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine with the registry's SQLite settings applied per connection."""
+    sa_url = sa.make_url(url)
+    if sa_url.get_backend_name() != "sqlite":
+        return create_async_engine(url, pool_pre_ping=True)
+    if sa_url.database and sa_url.database != ":memory:":
+        Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # The driver's own implicit BEGIN is turned off so that the "begin" hook
+        # below decides between DEFERRED (reads) and IMMEDIATE (writes).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=FULL",
+            f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+            "PRAGMA foreign_keys=ON",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(_BEGIN_OPTION, 'DEFERRED')}")
+
+    return engine
+
+
+def _spec_to_json(spec: LoraSpec) -> str:
+    return json.dumps(
+        {
+            "rank": spec.rank,
+            "alpha": spec.alpha,
+            "target_modules": list(spec.target_modules),
+            "dropout": spec.dropout,
+            "use_rslora": spec.use_rslora,
+        },
+        sort_keys=True,
+    )
+
+
+def _spec_from_json(text: str) -> LoraSpec:
+    data = json.loads(text)
+    return LoraSpec(
+        rank=data["rank"],
+        alpha=data["alpha"],
+        target_modules=tuple(data["target_modules"]),
+        dropout=data["dropout"],
+        use_rslora=data["use_rslora"],
+    )
+
+
+def _files_to_json(files: Iterable[FileDigest]) -> str:
+    return json.dumps([[f.name, f.sha256, f.size_bytes] for f in files])
+
+
+def _files_from_json(text: str) -> tuple[FileDigest, ...]:
+    return tuple(FileDigest(name, sha, size) for name, sha, size in json.loads(text))
+
+
+def _adapter(row: Any) -> Adapter:
+    return Adapter(
+        adapter_id=row.adapter_id,
+        experiment_id=row.experiment_id,
+        base_model=row.base_model,
+        lora=_spec_from_json(row.lora_json),
+        labels=json.loads(row.labels_json),
+        latest_version=row.latest_version,
+        create_time=row.create_time_us / 1e6,
+    )
+
+
+def _version(row: Any, alias_names: Iterable[str], latest_version: int) -> Version:
+    names = sorted(alias_names)
+    if row.version == latest_version and row.state == VersionState.READY:
+        names = [LATEST, *names]
+    return Version(
+        adapter_id=row.adapter_id,
+        version=row.version,
+        parent_version=row.parent_version,
+        state=VersionState(row.state),
+        training_step=row.training_step,
+        metrics=json.loads(row.metrics_json),
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        files=_files_from_json(row.files_json),
+        uris=tuple(u for u in (row.source_uri, row.durable_uri) if u),
+        durable_uri=row.durable_uri,
+        aliases=tuple(names),
+        create_time=row.create_time_us / 1e6,
+        failure_reason=row.failure_reason,
+        attempt_id=row.attempt_id,
+    )
+
+
+class SqlMetadataStore:
+    """Adapters, versions and aliases in SQL; see the module docstring for locking."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._write_engine = (
+            engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"}) if self._sqlite else engine
+        )
+        # SQLite allows one writer at a time anyway; queueing writers of this
+        # process here keeps them off the busy-timeout retry loop.
+        self._sqlite_write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, url: str) -> SqlMetadataStore:
+        engine = create_engine(url)
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            if self._sqlite:
+                async with self._sqlite_write_lock, self._write_engine.begin() as conn:
+                    yield conn
+            else:
+                async with self._write_engine.begin() as conn:
+                    yield conn
+        except OperationalError as exc:
+            # SQLite past its busy timeout, PostgreSQL deadlock/serialization
+            # failures, a dropped connection: nothing was committed; retry.
+            raise Unavailable(
+                "the metadata database is busy or unreachable; retry",
+                reason="DATABASE_UNAVAILABLE",
+            ) from exc
+
+    # -- helpers --------------------------------------------------------------
+
+    @staticmethod
+    async def _adapter_row(conn: AsyncConnection, adapter_id: str, *, lock: bool) -> Any:
+        query = sa.select(adapters).where(adapters.c.adapter_id == adapter_id)
+        if lock:
+            query = query.with_for_update()
+        row = (await conn.execute(query)).first()
+        if row is None:
+            raise NotFound(
+                f"adapter {adapter_id!r} does not exist",
+                reason="ADAPTER_NOT_FOUND",
+                metadata={"adapter_id": adapter_id},
+            )
+        return row
+
+    @staticmethod
+    async def _alias_map(conn: AsyncConnection, adapter_id: str) -> dict[int, list[str]]:
+        rows = await conn.execute(
+            sa.select(aliases.c.alias, aliases.c.version).where(aliases.c.adapter_id == adapter_id)
+        )
+        out: dict[int, list[str]] = {}
+        for alias, version in rows:
+            out.setdefault(version, []).append(alias)
+        return out
+
+    async def _version_in(
+        self, conn: AsyncConnection, adapter_id: str, version: int, *, lock: bool = False
+    ) -> Version:
+        adapter_row = await self._adapter_row(conn, adapter_id, lock=lock)
+        query = sa.select(versions).where(
+            versions.c.adapter_id == adapter_id, versions.c.version == version
+        )
+        row = (await conn.execute(query)).first()
+        if row is None:
+            raise NotFound(
+                f"adapters/{adapter_id}/versions/{version} does not exist",
+                reason="VERSION_NOT_FOUND",
+                metadata={"adapter_id": adapter_id, "version": str(version)},
+            )
+        alias_map = await self._alias_map(conn, adapter_id)
+        return _version(row, alias_map.get(version, ()), adapter_row.latest_version)
+
+    # -- adapters -------------------------------------------------------------
+
+    async def create_adapter(
+        self, adapter: Adapter, record: IdempotencyRecord | None = None
+    ) -> Adapter:
+        try:
+            async with self.write() as conn:
+                await conn.execute(
+                    adapters.insert().values(
+                        adapter_id=adapter.adapter_id,
+                        experiment_id=adapter.experiment_id,
+                        base_model=adapter.base_model,
+                        lora_json=_spec_to_json(adapter.lora),
+                        labels_json=json.dumps(dict(adapter.labels), sort_keys=True),
+                        latest_version=0,
+                        create_time_us=int(adapter.create_time * 1e6),
+                    )
+                )
+                await _store_record(conn, record, adapter)
+        except IntegrityError:
+            raise AlreadyExists(
+                f"adapter {adapter.adapter_id!r} already exists",
+                reason="ADAPTER_EXISTS",
+                metadata={"adapter_id": adapter.adapter_id},
+            ) from None
+        return adapter
+
+    async def get_adapter(self, adapter_id: str) -> Adapter:
+        async with self.read() as conn:
+            return _adapter(await self._adapter_row(conn, adapter_id, lock=False))
+
+    async def list_adapters(self, experiment_id: str, after: str, limit: int) -> list[Adapter]:
+        query = sa.select(adapters).order_by(adapters.c.adapter_id).limit(limit)
+        if experiment_id:
+            query = query.where(adapters.c.experiment_id == experiment_id)
+        if after:
+            query = query.where(adapters.c.adapter_id > after)
+        async with self.read() as conn:
+            return [_adapter(row) for row in await conn.execute(query)]
+
+    async def delete_adapter(
+        self, adapter_id: str, *, force: bool, record: IdempotencyRecord | None = None
+    ) -> list[Version]:
+        """Delete the adapter, its versions and aliases; return the versions (whose
+        blobs the caller removes after the commit)."""
+        async with self.write() as conn:
+            row = await self._adapter_row(conn, adapter_id, lock=True)
+            user_aliases = (
+                (
+                    await conn.execute(
+                        sa.select(aliases.c.alias).where(aliases.c.adapter_id == adapter_id)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if user_aliases and not force:
+                raise FailedPrecondition(
+                    f"adapter {adapter_id!r} has aliases {sorted(user_aliases)}; pass force",
+                    reason="ADAPTER_HAS_ALIASES",
+                    metadata={"adapter_id": adapter_id},
+                )
+            pending = (
+                (
+                    await conn.execute(
+                        sa.select(versions.c.version).where(
+                            versions.c.adapter_id == adapter_id,
+                            versions.c.state == VersionState.PENDING,
+                            versions.c.lease_until_us > _now_us(),
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if pending:
+                raise FailedPrecondition(
+                    f"adapter {adapter_id!r} has a publish in progress",
+                    reason="PUBLISH_IN_PROGRESS",
+                    metadata={"adapter_id": adapter_id, "version": str(pending[0])},
+                )
+            rows = (
+                await conn.execute(sa.select(versions).where(versions.c.adapter_id == adapter_id))
+            ).all()
+            gone = [_version(r, (), row.latest_version) for r in rows]
+            await conn.execute(aliases.delete().where(aliases.c.adapter_id == adapter_id))
+            await conn.execute(versions.delete().where(versions.c.adapter_id == adapter_id))
+            await conn.execute(adapters.delete().where(adapters.c.adapter_id == adapter_id))
+            await _store_record(conn, record, None)
+        return gone
+
+    # -- publishing -----------------------------------------------------------
+
+    async def reserve_version(
+        self,
+        adapter_id: str,
+        *,
+        expected_parent_version: int,
+        files: tuple[FileDigest, ...],
+        sha256: str,
+        size_bytes: int,
+        training_step: int,
+        metrics: dict[str, float],
+        source_uri: str,
+        request_id: str,
+        attempt_id: str,
+        owner: str,
+        lease_s: float,
+    ) -> tuple[Reservation, list[AbandonedAttempt]]:
+        """Take the next version number as PENDING for one publish attempt.
+
+        At most one PENDING version exists per adapter, always the highest
+        number, so releasing it on failure never leaves a gap. An earlier attempt
+        with the same request_id (a client retry) or an expired lease is taken
+        over; its leftovers are returned for the caller to clean up.
+
+        Raises:
+            NotFound: ADAPTER_NOT_FOUND.
+            Aborted: PUBLISH_IN_PROGRESS (another live publish holds the next
+                number), PARENT_VERSION_MISMATCH (expected parent is not the latest).
+        """
+        now = _now_us()
+        abandoned: list[AbandonedAttempt] = []
+        try:
+            return await self._reserve(
+                adapter_id,
+                now=now,
+                abandoned=abandoned,
+                expected_parent_version=expected_parent_version,
+                files=files,
+                sha256=sha256,
+                size_bytes=size_bytes,
+                training_step=training_step,
+                metrics=metrics,
+                source_uri=source_uri,
+                request_id=request_id,
+                attempt_id=attempt_id,
+                owner=owner,
+                lease_s=lease_s,
+            )
+        except IntegrityError:
+            # Unreachable while the row lock holds; should a database ever let
+            # two reservations through, the primary key turns the second into a
+            # plain conflict instead of a duplicate number.
+            raise Aborted(
+                f"another publish took the next version of {adapter_id!r}; retry",
+                reason="PUBLISH_IN_PROGRESS",
+                metadata={"adapter_id": adapter_id},
+            ) from None
+
+    async def _reserve(
+        self,
+        adapter_id: str,
+        *,
+        now: int,
+        abandoned: list[AbandonedAttempt],
+        expected_parent_version: int,
+        files: tuple[FileDigest, ...],
+        sha256: str,
+        size_bytes: int,
+        training_step: int,
+        metrics: dict[str, float],
+        source_uri: str,
+        request_id: str,
+        attempt_id: str,
+        owner: str,
+        lease_s: float,
+    ) -> tuple[Reservation, list[AbandonedAttempt]]:
+        async with self.write() as conn:
+            row = await self._adapter_row(conn, adapter_id, lock=True)
+            pending = (
+                await conn.execute(
+                    sa.select(versions).where(
+                        versions.c.adapter_id == adapter_id,
+                        versions.c.state == VersionState.PENDING,
+                    )
+                )
+            ).all()
+            for p in pending:
+                if (request_id and p.request_id == request_id) or p.lease_until_us <= now:
+                    await conn.execute(
+                        versions.delete().where(
+                            versions.c.adapter_id == adapter_id, versions.c.version == p.version
+                        )
+                    )
+                    abandoned.append(AbandonedAttempt(adapter_id, p.version, p.attempt_id))
+                    continue
+                raise Aborted(
+                    f"version {p.version} of {adapter_id!r} is being published by another"
+                    " request; re-read the latest version and retry",
+                    reason="PUBLISH_IN_PROGRESS",
+                    metadata={
+                        "adapter_id": adapter_id,
+                        "latest_version": str(row.latest_version),
+                        "pending_version": str(p.version),
+                    },
+                )
+            if expected_parent_version != row.latest_version:
+                raise Aborted(
+                    f"expected parent version {expected_parent_version} of {adapter_id!r}"
+                    f" but the latest is {row.latest_version}",
+                    reason="PARENT_VERSION_MISMATCH",
+                    metadata={
+                        "adapter_id": adapter_id,
+                        "latest_version": str(row.latest_version),
+                        "expected_parent_version": str(expected_parent_version),
+                    },
+                )
+            highest = (
+                await conn.execute(
+                    sa.select(sa.func.max(versions.c.version)).where(
+                        versions.c.adapter_id == adapter_id
+                    )
+                )
+            ).scalar()
+            number = (highest or 0) + 1
+            await conn.execute(
+                versions.insert().values(
+                    adapter_id=adapter_id,
+                    version=number,
+                    parent_version=expected_parent_version,
+                    state=VersionState.PENDING,
+                    training_step=training_step,
+                    metrics_json=json.dumps(metrics, sort_keys=True),
+                    sha256=sha256,
+                    size_bytes=size_bytes,
+                    files_json=_files_to_json(files),
+                    source_uri=source_uri,
+                    durable_uri="",
+                    request_id=request_id,
+                    attempt_id=attempt_id,
+                    owner=owner,
+                    lease_until_us=now + int(lease_s * 1e6),
+                    create_time_us=now,
+                    ready_time_us=0,
+                    failure_reason="",
+                )
+            )
+        reservation = Reservation(
+            adapter=_adapter(row),
+            version=number,
+            parent_version=expected_parent_version,
+            attempt_id=attempt_id,
+        )
+        return reservation, abandoned
+
+    async def renew_lease(self, reservation: Reservation, lease_s: float) -> bool:
+        """Extend a PENDING attempt's lease; False when it was taken over."""
+        async with self.write() as conn:
+            result = await conn.execute(
+                versions.update()
+                .where(
+                    versions.c.adapter_id == reservation.adapter.adapter_id,
+                    versions.c.version == reservation.version,
+                    versions.c.attempt_id == reservation.attempt_id,
+                    versions.c.state == VersionState.PENDING,
+                )
+                .values(lease_until_us=_now_us() + int(lease_s * 1e6))
+            )
+        return result.rowcount == 1
+
+    async def finalize_version(
+        self,
+        reservation: Reservation,
+        *,
+        durable_uri: str,
+        idempotency_record: IdempotencyRecord | None,
+    ) -> Version:
+        """PENDING -> READY, move "latest", and store the request's answer, in one
+        transaction.
+
+        Raises:
+            Aborted: PUBLISH_SUPERSEDED (the attempt lost its number meanwhile).
+        """
+        adapter_id = reservation.adapter.adapter_id
+        async with self.write() as conn:
+            await self._adapter_row(conn, adapter_id, lock=True)
+            result = await conn.execute(
+                versions.update()
+                .where(
+                    versions.c.adapter_id == adapter_id,
+                    versions.c.version == reservation.version,
+                    versions.c.attempt_id == reservation.attempt_id,
+                    versions.c.state == VersionState.PENDING,
+                )
+                .values(
+                    state=VersionState.READY,
+                    durable_uri=durable_uri,
+                    ready_time_us=_now_us(),
+                    lease_until_us=0,
+                )
+            )
+            if result.rowcount != 1:
+                raise Aborted(
+                    f"the publish of version {reservation.version} of {adapter_id!r} was taken"
+                    " over by another request",
+                    reason="PUBLISH_SUPERSEDED",
+                    metadata={"adapter_id": adapter_id, "version": str(reservation.version)},
+                )
+            await conn.execute(
+                adapters.update()
+                .where(adapters.c.adapter_id == adapter_id)
+                .values(latest_version=reservation.version)
+            )
+            version = await self._version_in(conn, adapter_id, reservation.version)
+            await _store_record(conn, idempotency_record, version)
+        return version
+
+    async def release_version(self, reservation: Reservation) -> bool:
+        """Drop a failed attempt's PENDING row, freeing its number (it is the
+        highest, so no gap opens)."""
+        async with self.write() as conn:
+            result = await conn.execute(
+                versions.delete().where(
+                    versions.c.adapter_id == reservation.adapter.adapter_id,
+                    versions.c.version == reservation.version,
+                    versions.c.attempt_id == reservation.attempt_id,
+                    versions.c.state == VersionState.PENDING,
+                )
+            )
+        return result.rowcount == 1
+
+    async def recover(self, owner: str) -> list[AbandonedAttempt]:
+        """At start: drop PENDING rows of this replica's previous life (their
+        uploads died with it) and any whose lease expired."""
+        async with self.write() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(
+                        versions.c.adapter_id, versions.c.version, versions.c.attempt_id
+                    ).where(
+                        versions.c.state == VersionState.PENDING,
+                        sa.or_(versions.c.owner == owner, versions.c.lease_until_us <= _now_us()),
+                    )
+                )
+            ).all()
+            for adapter_id, version, _ in rows:
+                await conn.execute(
+                    versions.delete().where(
+                        versions.c.adapter_id == adapter_id,
+                        versions.c.version == version,
+                        versions.c.state == VersionState.PENDING,
+                    )
+                )
+        return [AbandonedAttempt(*row) for row in rows]
+
+    # -- reading --------------------------------------------------------------
+
+    async def get_version(self, adapter_id: str, version: int) -> Version:
+        async with self.read() as conn:
+            return await self._version_in(conn, adapter_id, version)
+
+    async def list_versions(
+        self, adapter_id: str, *, include_inactive: bool, after: int, limit: int
+    ) -> list[Version]:
+        async with self.read() as conn:
+            row = await self._adapter_row(conn, adapter_id, lock=False)
+            query = (
+                sa.select(versions)
+                .where(versions.c.adapter_id == adapter_id, versions.c.version > after)
+                .order_by(versions.c.version)
+                .limit(limit)
+            )
+            if not include_inactive:
+                query = query.where(versions.c.state == VersionState.READY)
+            rows = (await conn.execute(query)).all()
+            alias_map = await self._alias_map(conn, adapter_id)
+        return [_version(r, alias_map.get(r.version, ()), row.latest_version) for r in rows]
+
+    async def resolve(self, adapter_id: str, *, version: int, alias: str) -> Version:
+        """The READY version a selector names (``version`` wins when non-zero;
+        ``alias`` "" or "latest" means the latest READY one).
+
+        Raises:
+            NotFound: ADAPTER_NOT_FOUND, NO_READY_VERSION, ALIAS_NOT_FOUND,
+                VERSION_NOT_FOUND.
+            FailedPrecondition: VERSION_NOT_READY.
+        """
+        async with self.read() as conn:
+            row = await self._adapter_row(conn, adapter_id, lock=False)
+            if version:
+                number = version
+            elif alias in ("", LATEST):
+                number = row.latest_version
+                if number == 0:
+                    raise NotFound(
+                        f"adapter {adapter_id!r} has no READY version yet",
+                        reason="NO_READY_VERSION",
+                        metadata={"adapter_id": adapter_id},
+                    )
+            else:
+                number = (
+                    await conn.execute(
+                        sa.select(aliases.c.version).where(
+                            aliases.c.adapter_id == adapter_id, aliases.c.alias == alias
+                        )
+                    )
+                ).scalar()
+                if number is None:
+                    raise NotFound(
+                        f"adapter {adapter_id!r} has no alias {alias!r}",
+                        reason="ALIAS_NOT_FOUND",
+                        metadata={"adapter_id": adapter_id, "alias": alias},
+                    )
+            found = await self._version_in(conn, adapter_id, number)
+        if found.state != VersionState.READY:
+            raise FailedPrecondition(
+                f"adapters/{adapter_id}/versions/{number} is {found.state}, not READY",
+                reason="VERSION_NOT_READY",
+                metadata={"adapter_id": adapter_id, "version": str(number), "state": found.state},
+            )
+        return found
+
+    # -- aliases --------------------------------------------------------------
+
+    async def set_alias(
+        self,
+        adapter_id: str,
+        alias: str,
+        version: int,
+        expected_current: int | None,
+        record: IdempotencyRecord | None = None,
+    ) -> Version:
+        async with self.write() as conn:
+            await self._adapter_row(conn, adapter_id, lock=True)
+            target = await self._version_in(conn, adapter_id, version)
+            if target.state != VersionState.READY:
+                raise FailedPrecondition(
+                    f"adapters/{adapter_id}/versions/{version} is {target.state}, not READY",
+                    reason="VERSION_NOT_READY",
+                    metadata={"adapter_id": adapter_id, "version": str(version)},
+                )
+            current = (
+                await conn.execute(
+                    sa.select(aliases.c.version).where(
+                        aliases.c.adapter_id == adapter_id, aliases.c.alias == alias
+                    )
+                )
+            ).scalar()
+            if expected_current is not None and (current or 0) != expected_current:
+                raise Aborted(
+                    f"alias {alias!r} points at {current or 'nothing'}, expected"
+                    f" {expected_current or 'nothing'}",
+                    reason="ALIAS_CONFLICT",
+                    metadata={"alias": alias, "current_version": str(current or 0)},
+                )
+            values = {"version": version, "update_time_us": _now_us()}
+            if current is None:
+                await conn.execute(
+                    aliases.insert().values(adapter_id=adapter_id, alias=alias, **values)
+                )
+            else:
+                await conn.execute(
+                    aliases.update()
+                    .where(aliases.c.adapter_id == adapter_id, aliases.c.alias == alias)
+                    .values(**values)
+                )
+            result = await self._version_in(conn, adapter_id, version)
+            await _store_record(conn, record, result)
+            return result
+
+    async def delete_alias(
+        self, adapter_id: str, alias: str, record: IdempotencyRecord | None = None
+    ) -> None:
+        async with self.write() as conn:
+            await self._adapter_row(conn, adapter_id, lock=True)
+            result = await conn.execute(
+                aliases.delete().where(aliases.c.adapter_id == adapter_id, aliases.c.alias == alias)
+            )
+            if result.rowcount == 0:
+                raise NotFound(
+                    f"adapter {adapter_id!r} has no alias {alias!r}",
+                    reason="ALIAS_NOT_FOUND",
+                    metadata={"adapter_id": adapter_id, "alias": alias},
+                )
+            await _store_record(conn, record, None)
+
+    async def list_aliases(self, adapter_id: str) -> list[tuple[str, int]]:
+        async with self.read() as conn:
+            row = await self._adapter_row(conn, adapter_id, lock=False)
+            rows = (
+                await conn.execute(
+                    sa.select(aliases.c.alias, aliases.c.version)
+                    .where(aliases.c.adapter_id == adapter_id)
+                    .order_by(aliases.c.alias)
+                )
+            ).all()
+        out = [(alias, version) for alias, version in rows]
+        if row.latest_version:
+            out.insert(0, (LATEST, row.latest_version))
+        return out
+
+    # -- deletion and retention -----------------------------------------------
+
+    async def _mark_deleted(self, conn: AsyncConnection, adapter_id: str, version: int) -> None:
+        await conn.execute(
+            versions.update()
+            .where(versions.c.adapter_id == adapter_id, versions.c.version == version)
+            .values(state=VersionState.DELETED, source_uri="", durable_uri="")
+        )
+
+    async def delete_version(
+        self, adapter_id: str, version: int, record: IdempotencyRecord | None = None
+    ) -> tuple[Version, Version]:
+        """READY -> DELETED unless an alias (``latest`` included) points at it.
+
+        Returns (the version before, the version after); the caller deletes the
+        blobs named by the first after the commit.
+        """
+        async with self.write() as conn:
+            before = await self._version_in(conn, adapter_id, version, lock=True)
+            if before.aliases:
+                raise FailedPrecondition(
+                    f"adapters/{adapter_id}/versions/{version} is aliased as"
+                    f" {list(before.aliases)}; move the alias first",
+                    reason="VERSION_ALIASED",
+                    metadata={"adapter_id": adapter_id, "version": str(version)},
+                )
+            if before.state == VersionState.PENDING:
+                raise FailedPrecondition(
+                    f"adapters/{adapter_id}/versions/{version} is still being published",
+                    reason="VERSION_NOT_READY",
+                    metadata={"adapter_id": adapter_id, "version": str(version)},
+                )
+            if before.state == VersionState.READY:
+                await self._mark_deleted(conn, adapter_id, version)
+            after = await self._version_in(conn, adapter_id, version)
+            await _store_record(conn, record, after)
+        return before, after
+
+    async def apply_retention(
+        self, adapter_id: str, *, keep_last: int, min_age_s: float
+    ) -> list[Version]:
+        """Mark DELETED every READY version beyond the newest ``keep_last`` that no
+        alias points at and that is older than ``min_age_s``; return them as they
+        were (with their URIs) for blob removal."""
+        if keep_last <= 0:
+            return []
+        cutoff = _now_us() - int(min_age_s * 1e6)
+        # Most publishes retire nothing: find that out without taking the
+        # write lock every other publish queues on.
+        async with self.read() as conn:
+            ready = (
+                await conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(versions)
+                    .where(
+                        versions.c.adapter_id == adapter_id,
+                        versions.c.state == VersionState.READY,
+                    )
+                )
+            ).scalar()
+        if (ready or 0) <= keep_last:
+            return []
+        async with self.write() as conn:
+            row = await self._adapter_row(conn, adapter_id, lock=True)
+            ready = (
+                await conn.execute(
+                    sa.select(versions)
+                    .where(
+                        versions.c.adapter_id == adapter_id, versions.c.state == VersionState.READY
+                    )
+                    .order_by(versions.c.version.desc())
+                )
+            ).all()
+            alias_map = await self._alias_map(conn, adapter_id)
+            doomed = [
+                r
+                for r in ready[keep_last:]
+                if r.version not in alias_map
+                and r.version != row.latest_version
+                and r.ready_time_us <= cutoff
+            ]
+            for r in doomed:
+                await self._mark_deleted(conn, adapter_id, r.version)
+        return [_version(r, (), row.latest_version) for r in doomed]
+
+    # -- durable copies -------------------------------------------------------
+
+    async def add_durable_uri(
+        self, adapter_id: str, version: int, attempt_id: str, uri: str
+    ) -> bool:
+        """Record a verified durable copy; False if the version is no longer READY
+        (deleted meanwhile: the caller removes the copy again)."""
+        async with self.write() as conn:
+            result = await conn.execute(
+                versions.update()
+                .where(
+                    versions.c.adapter_id == adapter_id,
+                    versions.c.version == version,
+                    versions.c.attempt_id == attempt_id,
+                    versions.c.state == VersionState.READY,
+                )
+                .values(durable_uri=uri)
+            )
+        return result.rowcount == 1
+
+    async def versions_without_durable_copy(self) -> list[Version]:
+        async with self.read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(versions)
+                    .where(versions.c.state == VersionState.READY, versions.c.durable_uri == "")
+                    .order_by(versions.c.adapter_id, versions.c.version)
+                )
+            ).all()
+        return [_version(r, (), 0) for r in rows]
+
+    # -- watching -------------------------------------------------------------
+
+    async def latest_versions(self, adapter_ids: Iterable[str] | None) -> dict[str, int]:
+        query = sa.select(adapters.c.adapter_id, adapters.c.latest_version)
+        if adapter_ids is not None:
+            query = query.where(adapters.c.adapter_id.in_(list(adapter_ids)))
+        async with self.read() as conn:
+            return {a: v for a, v in await conn.execute(query)}
+
+    async def ready_versions_after(
+        self, cursors: dict[str, int], adapter_ids: Iterable[str] | None, default_cursor: int
+    ) -> tuple[list[Version], dict[str, int]]:
+        """READY versions newer than each adapter's cursor, oldest first, plus the
+        advanced cursors (one consistent snapshot)."""
+        wanted = None if adapter_ids is None else list(adapter_ids)
+        query = sa.select(adapters.c.adapter_id, adapters.c.latest_version)
+        if wanted is not None:
+            query = query.where(adapters.c.adapter_id.in_(wanted))
+        found: list[Version] = []
+        advanced = dict(cursors)
+        async with self.read() as conn:
+            latest = {a: v for a, v in await conn.execute(query)}
+            for adapter_id, latest_version in sorted(latest.items()):
+                cursor = cursors.get(adapter_id, default_cursor)
+                if latest_version <= cursor:
+                    advanced.setdefault(adapter_id, cursor)
+                    continue
+                rows = (
+                    await conn.execute(
+                        sa.select(versions)
+                        .where(
+                            versions.c.adapter_id == adapter_id,
+                            versions.c.version > cursor,
+                            versions.c.version <= latest_version,
+                            versions.c.state == VersionState.READY,
+                        )
+                        .order_by(versions.c.version)
+                    )
+                ).all()
+                alias_map = await self._alias_map(conn, adapter_id) if rows else {}
+                found.extend(
+                    _version(r, alias_map.get(r.version, ()), latest_version) for r in rows
+                )
+                advanced[adapter_id] = latest_version
+        return found, advanced
+
+
+class InTransactionIdempotencyStore:
+    """The store ``once`` sees when every change writes its own answer inside
+    its transaction (``IdempotencyRecord``): reads go to SQL, the after-the-fact
+    ``put`` has nothing left to do."""
+
+    def __init__(self, store: SqlIdempotencyStore) -> None:
+        self._store = store
+
+    async def get(self, scope: str, request_id: str) -> StoredResponse | None:
+        return await self._store.get(scope, request_id)
+
+    async def put(self, scope: str, request_id: str, stored: StoredResponse) -> None:
+        return None
+
+
+class SqlIdempotencyStore:
+    """``lorafleet.core.idempotency.IdempotencyStore`` over the registry database,
+    so request_id replays survive restarts and work across replicas."""
+
+    def __init__(self, store: SqlMetadataStore) -> None:
+        self._store = store
+
+    async def get(self, scope: str, request_id: str) -> StoredResponse | None:
+        async with self._store.read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(idempotency).where(
+                        idempotency.c.scope == scope, idempotency.c.request_id == request_id
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        return StoredResponse(
+            fingerprint=bytes(row.fingerprint),
+            response=bytes(row.response),
+            created_at=row.created_at,
+        )
+
+    async def put(self, scope: str, request_id: str, stored: StoredResponse) -> None:
+        # The first answer wins: a row written by the change's own transaction
+        # (publishes) or by a concurrent replica is left as it is.
+        try:
+            async with self._store.write() as conn:
+                exists = (
+                    await conn.execute(
+                        sa.select(idempotency.c.request_id).where(
+                            idempotency.c.scope == scope, idempotency.c.request_id == request_id
+                        )
+                    )
+                ).first()
+                if exists is None:
+                    await conn.execute(
+                        idempotency.insert().values(
+                            scope=scope,
+                            request_id=request_id,
+                            fingerprint=stored.fingerprint,
+                            response=stored.response,
+                            created_at=stored.created_at,
+                        )
+                    )
+        except IntegrityError:
+            log.debug("idempotency_put_raced", scope=scope, request_id=request_id)
+
+    async def sweep(self, older_than_s: float) -> int:
+        async with self._store.write() as conn:
+            result = await conn.execute(
+                idempotency.delete().where(idempotency.c.created_at < time.time() - older_than_s)
+            )
+        return result.rowcount
