@@ -1,0 +1,141 @@
+"""Token-level losses over a padded, fused batch.
+
+Everything here is per token on ``[N, L]`` tensors (N rows of the fused batch, L
+next-token positions) with per-row loss settings, so one call serves a batch in
+which every request has its own loss kind, clip range and KL weight; the engine
+then normalises each request by its own token count (see :func:`request_weights`).
+
+Conventions:
+- policy gradient: ratio = exp(logp - sampling_logp); per-token loss
+  max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)) (PPO / GRPO,
+  token-level as in DAPO's token-mean). No extra clamp on the ratio: a runaway
+  ratio gives a non-finite gradient, and the adapter's optimizer then skips the
+  step instead of training on garbage.
+- KL to the base: the k3 estimator (Schulman's; GRPO's choice)
+  exp(b - p) - (b - p) - 1 with p the policy logprob and b the base logprob of the
+  sampled token; unbiased for KL(policy || base) under policy samples, >= 0 and
+  low-variance. Its gradient flows through p only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-token quantities of one fused pass; ``[N, L]`` each, zero off ``mask``."""
+
+    loss: torch.Tensor
+    """Differentiable per-token loss (before request normalisation)."""
+    kl: torch.Tensor
+    clipped: torch.Tensor
+    """1.0 where the clipped objective was the active one."""
+    entropy: torch.Tensor
+    logprob_gap: torch.Tensor
+    """|sampling_logp - logp| where a sampling logprob was given."""
+
+
+def token_logprobs(logits_N_L_V: torch.Tensor, targets_N_L: torch.Tensor,
+                   *, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) per position (differentiable) and the policy entropy (no grad).
+
+    Works in fp32 whatever the model dtype: the ratio exp(logp - sampling_logp) is
+    sensitive to rounding of logp.
+    """
+    logits = logits_N_L_V.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    lp = logits.gather(-1, targets_N_L.unsqueeze(-1)).squeeze(-1) - lse
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)
+            ent = lse - (probs * logits).sum(-1)
+    return lp, ent
+
+
+def kl_k3(logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(policy || base) per sampled token."""
+    d = base_logprobs - logprobs
+    return torch.exp(d) - d - 1.0
+
+
+def policy_gradient_token_loss(
+    logprobs_N_L: torch.Tensor,
+    sampling_logprobs_N_L: torch.Tensor,
+    advantages_N: torch.Tensor,
+    clip_low_N: torch.Tensor,
+    clip_high_N: torch.Tensor,
+    mask_N_L: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped importance-weighted policy-gradient loss per token, and where it clipped."""
+    # Masked positions get log-ratio 0 before exp, so padding never makes inf * 0 = nan.
+    log_ratio = torch.where(mask_N_L, logprobs_N_L - sampling_logprobs_N_L, 0.0)
+    ratio = torch.exp(log_ratio)
+    adv = advantages_N.unsqueeze(-1)
+    low = (1.0 - clip_low_N).unsqueeze(-1)
+    high = (1.0 + clip_high_N).unsqueeze(-1)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, low, high)
+    loss = torch.maximum(unclipped, clipped)
+    was_clipped = (clipped > unclipped).to(logprobs_N_L.dtype).detach()
+    return loss, was_clipped
+
+
+def cross_entropy_token_loss(logprobs_N_L: torch.Tensor) -> torch.Tensor:
+    return -logprobs_N_L
+
+
+def fused_token_stats(
+    *,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor | None,
+    mask: torch.Tensor,
+    is_policy_gradient_N: torch.Tensor,
+    sampling_logprobs: torch.Tensor,
+    has_sampling_logprobs_N: torch.Tensor,
+    advantages_N: torch.Tensor,
+    clip_low_N: torch.Tensor,
+    clip_high_N: torch.Tensor,
+    kl_coef_N: torch.Tensor,
+    base_logprobs: torch.Tensor | None,
+) -> TokenStats:
+    """Per-token loss and metrics for rows that each carry their own loss settings."""
+    zero = torch.zeros_like(logprobs)
+    pg, clipped = policy_gradient_token_loss(
+        logprobs, sampling_logprobs, advantages_N, clip_low_N, clip_high_N, mask
+    )
+    ce = cross_entropy_token_loss(logprobs)
+    is_pg = is_policy_gradient_N.unsqueeze(-1)
+    loss = torch.where(is_pg, pg, ce)
+    clipped = torch.where(is_pg & mask, clipped, zero.detach())
+    if base_logprobs is not None:
+        kl = torch.where(mask, kl_k3(logprobs, torch.where(mask, base_logprobs, logprobs)), 0.0)
+        loss = loss + kl_coef_N.unsqueeze(-1) * kl
+        kl = kl.detach()
+    else:
+        kl = zero.detach()
+    loss = torch.where(mask, loss, 0.0)
+    gap_mask = mask & has_sampling_logprobs_N.unsqueeze(-1)
+    gap = torch.where(gap_mask, (sampling_logprobs - logprobs.detach()).abs(), 0.0)
+    ent = torch.where(mask, entropy, 0.0) if entropy is not None else zero.detach()
+    return TokenStats(loss=loss, kl=kl, clipped=clipped, entropy=ent, logprob_gap=gap)
+
+
+def request_weights(row_request_N: torch.Tensor, tokens_per_request_R: torch.Tensor
+                    ) -> torch.Tensor:
+    """1 / (loss tokens of the row's request), per row: each request's loss is its own
+    token mean, and the fused loss is the sum over requests. Adapters' parameters
+    are disjoint, so the gradient of that sum w.r.t. one adapter is exactly the
+    gradient of its own request's loss."""
+    return 1.0 / tokens_per_request_R.clamp(min=1).to(torch.float32)[row_request_N]
+
+
+def segment_sum(values_N_L: torch.Tensor, row_request_N: torch.Tensor, num_requests: int
+                ) -> torch.Tensor:
+    """Sum of each request's rows: ``[R]``."""
+    per_row = values_N_L.detach().sum(-1).to(torch.float64)
+    out = torch.zeros(num_requests, dtype=torch.float64, device=per_row.device)
+    return out.index_add_(0, row_request_N, per_row)
