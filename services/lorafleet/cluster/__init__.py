@@ -1,0 +1,1 @@
+"""Running the mesh on one machine as local processes."""

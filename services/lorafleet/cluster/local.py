@@ -1,0 +1,230 @@
+"""A lorafleet mesh as local processes: the one-machine cluster behind
+`lorafleet up`, the demo, the benchmarks and the end-to-end tests.
+
+Every service is started exactly as in a container (`python -m
+lorafleet.<service> --port 0`), with settings passed through environment
+variables, JSON logs in one file per service, and the bound port read back from
+the service's `server_started` log event. Stopping sends SIGTERM (the services'
+graceful shutdown) and escalates to SIGKILL only past a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lorafleet.core.channel import make_sync_channel
+
+log = structlog.get_logger(__name__)
+
+# Upper bound for a service to log `server_started`; the rollout service starts
+# its engine before serving, which takes ~20 s with vLLM-CPU on 2 cores.
+DEFAULT_START_TIMEOUT_S = 180.0
+
+
+class ClusterError(RuntimeError):
+    """A service failed to start or to report SERVING."""
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One process of the cluster."""
+
+    name: str
+    """Unique name in the cluster, e.g. "registry" or "rollout-0"."""
+    service: str
+    """Which lorafleet service it runs (the `python -m lorafleet.<service>` module)."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Settings as environment variables (LORAFLEET_<SERVICE>_<FIELD>)."""
+
+
+@dataclass
+class RunningService:
+    spec: ServiceSpec
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def _env_prefix(service: str) -> str:
+    return f"LORAFLEET_{service.upper()}_"
+
+
+def read_bound_port(log_path: Path) -> int | None:
+    """The port from the first `server_started` JSON log line, if logged yet."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    for line in lines:
+        if '"server_started"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == "server_started":
+            return int(record["port"])
+    return None
+
+
+def health_status(address: str, service: str = "", timeout_s: float = 2.0) -> str:
+    """grpc.health.v1 status name of `service` at `address`, or the error code name."""
+    with make_sync_channel(address, retry=False) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            return exc.code().name  # type: ignore[attr-defined]
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class LocalCluster:
+    """Starts, watches and stops a set of service processes."""
+
+    def __init__(self, run_dir: Path, *, python: str = sys.executable) -> None:
+        self.run_dir = Path(run_dir)
+        self.log_dir = self.run_dir / "logs"
+        self.python = python
+        self.services: dict[str, RunningService] = {}
+
+    def start(self, spec: ServiceSpec) -> RunningService:
+        """Launch one service; returns once it is running (not yet serving)."""
+        if spec.name in self.services:
+            raise ClusterError(f"service {spec.name!r} already started")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{spec.name}.log"
+        prefix = _env_prefix(spec.service)
+        env = {
+            **os.environ,
+            f"{prefix}LOG_FORMAT": "json",
+            f"{prefix}PORT": "0",
+            **spec.env,
+        }
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [self.python, "-m", f"lorafleet.{spec.service}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.run_dir,
+                # Own process group: Ctrl-C in the terminal reaches the launcher
+                # only, which then stops services in order.
+                start_new_session=True,
+            )
+        running = RunningService(spec, process, log_path)
+        self.services[spec.name] = running
+        log.info("service_launched", service=spec.name, pid=process.pid, log=str(log_path))
+        return running
+
+    def wait_serving(self, name: str, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> str:
+        """Wait until `name` logged its port and reports SERVING; return its address."""
+        running = self.services[name]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = running.process.poll()
+            if code is not None:
+                raise ClusterError(
+                    f"{name} exited with code {code} during start; last log lines:\n"
+                    + self.tail(name)
+                )
+            if running.port is None:
+                running.port = read_bound_port(running.log_path)
+            if running.port is not None and health_status(running.address) == "SERVING":
+                log.info("service_serving", service=name, address=running.address)
+                return running.address
+            time.sleep(0.1)
+        raise ClusterError(
+            f"{name} did not report SERVING within {timeout_s:.0f}s; last log lines:\n"
+            + self.tail(name)
+        )
+
+    def start_and_wait(
+        self, spec: ServiceSpec, timeout_s: float = DEFAULT_START_TIMEOUT_S
+    ) -> str:
+        self.start(spec)
+        return self.wait_serving(spec.name, timeout_s)
+
+    def tail(self, name: str, lines: int = 20) -> str:
+        text = self.services[name].log_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def addresses(self) -> dict[str, str]:
+        return {n: s.address for n, s in self.services.items() if s.port is not None}
+
+    def health(self) -> dict[str, str]:
+        out = {}
+        for name, running in self.services.items():
+            if running.process.poll() is not None:
+                out[name] = f"EXITED({running.process.returncode})"
+            elif running.port is None:
+                out[name] = "STARTING"
+            else:
+                out[name] = health_status(running.address)
+        return out
+
+    def write_manifest(self) -> Path:
+        """`cluster.json`: where each service listens, for CLI commands and tools."""
+        path = self.run_dir / "cluster.json"
+        manifest = {
+            name: {
+                "service": s.spec.service,
+                "address": s.address,
+                "pid": s.process.pid,
+                "log": str(s.log_path),
+            }
+            for name, s in self.services.items()
+        }
+        path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        return path
+
+    def stop(self, name: str, timeout_s: float = 30.0) -> int:
+        """SIGTERM, wait up to `timeout_s`, then SIGKILL. Returns the exit code."""
+        running = self.services[name]
+        process = running.process
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("service_kill", service=name, after_s=timeout_s)
+                process.kill()
+                process.wait()
+        log.info("service_stopped", service=name, exit_code=process.returncode)
+        return process.returncode
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, as a crash would (tests of durability)."""
+        process = self.services[name].process
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def stop_all(self, timeout_s: float = 30.0) -> dict[str, int]:
+        """Stop in reverse start order: clients before the services they call."""
+        codes = {}
+        for name in reversed(list(self.services)):
+            codes[name] = self.stop(name, timeout_s)
+        return codes
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()

@@ -1,0 +1,143 @@
+"""Following a set of experiments: live table, final table, reward-curve plots.
+
+Shared by the demo and the throughput benchmark; reads only the scheduler's
+public API.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.table import Table
+
+from lorafleet.api.common.v1 import metrics_pb2
+from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
+from lorafleet.client.scheduler import SchedulerClient
+from lorafleet.scheduler.types import TERMINAL_STATES
+
+
+def task_of(experiment: pb.Experiment) -> str:
+    env = experiment.spec.environment
+    return env.builtin.task if env.WhichOneof("kind") == "builtin" else env.remote.address
+
+
+def state_name(state: int) -> str:
+    return pb.ExperimentState.Name(state).removeprefix("EXPERIMENT_STATE_").lower()
+
+
+@dataclass
+class RunResult:
+    experiment: pb.Experiment
+    steps: list[metrics_pb2.StepMetrics] = field(default_factory=list)
+
+    @property
+    def improved(self) -> bool:
+        e = self.experiment
+        return (
+            e.state == pb.EXPERIMENT_STATE_COMPLETED
+            and e.HasField("base_accuracy")
+            and e.HasField("latest_accuracy")
+            and e.latest_accuracy > e.base_accuracy
+        )
+
+    @property
+    def wall_s(self) -> float:
+        e = self.experiment
+        if not e.HasField("end_time") or not e.HasField("start_time"):
+            return 0.0
+        return (e.end_time.ToNanoseconds() - e.start_time.ToNanoseconds()) / 1e9
+
+
+def live_table(experiments: list[pb.Experiment], started: float) -> Table:
+    elapsed = time.monotonic() - started
+    table = Table(title=f"lorafleet demo — {elapsed:5.0f} s")
+    for column in ("experiment", "task", "state", "step", "version", "reward", "base acc",
+                   "acc", "steps/s"):
+        table.add_column(column, justify="right" if column not in ("experiment", "task") else "left")
+    for e in experiments:
+        steps_per_s = e.current_step / elapsed if elapsed > 0 else 0.0
+        table.add_row(
+            e.experiment_id,
+            task_of(e),
+            state_name(e.state),
+            f"{e.current_step}/{e.spec.algorithm.max_steps or '∞'}",
+            str(e.latest_version),
+            f"{e.last_step.reward_mean:.3f}",
+            f"{e.base_accuracy:.2f}" if e.HasField("base_accuracy") else "-",
+            f"{e.latest_accuracy:.2f}" if e.HasField("latest_accuracy") else "-",
+            f"{steps_per_s:.2f}",
+        )
+    return table
+
+
+def final_table(results: list[RunResult], wall_s: float) -> Table:
+    total_steps = sum(r.experiment.current_step for r in results)
+    table = Table(
+        title=f"results — wall {wall_s:.0f} s, {total_steps} steps, "
+        f"{total_steps / wall_s if wall_s else 0:.2f} steps/s"
+    )
+    for column in ("experiment", "task", "state", "steps", "base acc", "final acc", "gain",
+                   "wall s", "improved"):
+        table.add_column(column)
+    for r in results:
+        e = r.experiment
+        base = e.base_accuracy if e.HasField("base_accuracy") else float("nan")
+        final = e.latest_accuracy if e.HasField("latest_accuracy") else float("nan")
+        table.add_row(
+            e.experiment_id, task_of(e), state_name(e.state), str(e.current_step),
+            f"{base:.3f}", f"{final:.3f}", f"{final - base:+.3f}", f"{r.wall_s:.0f}",
+            "[green]yes[/green]" if r.improved else "[red]no[/red]",
+        )
+    return table
+
+
+def collect(client: SchedulerClient, experiment_ids: list[str]) -> list[RunResult]:
+    results = []
+    for experiment_id in experiment_ids:
+        steps = [
+            event.step
+            for event in client.watch(experiment_id)
+            if event.WhichOneof("event") == "step"
+        ]
+        results.append(RunResult(client.get(experiment_id), steps))
+    return results
+
+
+def all_finished(experiments: list[pb.Experiment]) -> bool:
+    return all(e.state in TERMINAL_STATES for e in experiments)
+
+
+def plot_reward_curves(results: list[RunResult], out_dir: Path) -> list[Path]:
+    """One PNG per experiment: reward per step, and greedy eval accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for r in results:
+        e = r.experiment
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        xs = [m.step for m in r.steps]
+        ax.plot(xs, [m.reward_mean for m in r.steps], label="mean reward (sampled)")
+        ax.plot(xs, [m.accuracy for m in r.steps], label="exact match (sampled)", alpha=0.7)
+        evals = [(m.step, m.eval_accuracy) for m in r.steps if m.HasField("eval_accuracy")]
+        points = [(0, e.base_accuracy)] if e.HasField("base_accuracy") else []
+        points += evals
+        if e.HasField("latest_accuracy") and xs:
+            points.append((xs[-1], e.latest_accuracy))
+        if points:
+            ax.plot(*zip(*points, strict=True), "o--", label="greedy eval accuracy")
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{e.experiment_id} ({task_of(e)})")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{e.experiment_id}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,62 @@
+"""Scheduler settings (env prefix ``LORAFLEET_SCHEDULER_``)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import SettingsConfigDict
+
+from lorafleet.core.config import ServiceSettings
+
+
+class StaticNode(BaseModel):
+    """A node given by configuration instead of registering itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_id: str = Field(description="Unique node id, [a-z0-9][a-z0-9-]{0,62}.")
+    rollout_address: str = Field(description="host:port of the node's RolloutService.")
+    trainer_address: str = Field(description="host:port of the node's TrainerService.")
+    base_model: str = Field(default="tiny", description="Base model the node serves.")
+    slots: int = Field(default=8, ge=1, description="Concurrent experiments (adapter slots).")
+    max_rank: int = Field(default=16, ge=1, description="Largest LoRA rank the node takes.")
+
+
+class SchedulerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_SCHEDULER_", extra="forbid")
+
+    database_url: str = Field(
+        default="sqlite+aiosqlite:///var/scheduler/scheduler.db",
+        description="SQLAlchemy async URL of the experiment store (SQLite or PostgreSQL).",
+    )
+    registry_address: str = Field(
+        default="127.0.0.1:50051", description="host:port of the AdapterRegistryService."
+    )
+    nodes: list[StaticNode] = Field(
+        default_factory=list,
+        description="Nodes known from configuration (the local cluster); others register "
+        'over RegisterNode. As an env var, JSON: [{"node_id": "node-0", ...}].',
+    )
+    heartbeat_interval_s: float = Field(
+        default=2.0, gt=0, description="How often registered nodes must send a heartbeat."
+    )
+    node_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A node silent (and unreachable) this long is LOST; its experiments move.",
+    )
+    rollout_timeout_s: float = Field(
+        default=300.0, gt=0, description="Deadline of one Generate call."
+    )
+    train_timeout_s: float = Field(default=300.0, gt=0, description="Deadline of one TrainStep.")
+    checkpoint_every_steps: int = Field(
+        default=1,
+        ge=1,
+        description="Save adapter + optimizer state every this many steps (what a move to "
+        "another node resumes from).",
+    )
+    max_inflight_tokens_per_node: int = Field(
+        default=65536,
+        ge=1,
+        description="Fair-share budget: rollout tokens (prompts x samples x max_tokens) "
+        "admitted to one node at a time; beyond it experiments wait their weighted turn.",
+    )

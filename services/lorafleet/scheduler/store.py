@@ -1,0 +1,377 @@
+"""Durable scheduler state over SQL (SQLite by default, PostgreSQL by URL).
+
+Why a step and its experiment row change in one transaction: a scheduler
+restart resumes at `current_step`, so "metrics stored" and "counter advanced"
+must never disagree (no step lost, none run twice).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from lorafleet.api.common.v1 import metrics_pb2
+from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
+from lorafleet.core.errors import AlreadyExists, NotFound
+from lorafleet.scheduler.types import Checkpoint, ExperimentRecord, NodeRecord
+
+metadata = sa.MetaData()
+
+experiments = sa.Table(
+    "scheduler_experiments",
+    metadata,
+    sa.Column("experiment_id", sa.String(64), primary_key=True),
+    sa.Column("spec", sa.LargeBinary, nullable=False),
+    sa.Column("state", sa.Integer, nullable=False),
+    sa.Column("state_reason", sa.Text, nullable=False, default=""),
+    sa.Column("node_id", sa.String(64), nullable=False, default=""),
+    sa.Column("current_step", sa.BigInteger, nullable=False, default=0),
+    sa.Column("adapter_id", sa.String(64), nullable=False, default=""),
+    sa.Column("latest_version", sa.BigInteger, nullable=False, default=0),
+    sa.Column("base_accuracy", sa.Float, nullable=True),
+    sa.Column("latest_accuracy", sa.Float, nullable=True),
+    sa.Column("last_reward", sa.Float, nullable=False, default=0.0),
+    sa.Column("last_accuracy", sa.Float, nullable=False, default=0.0),
+    sa.Column("last_step_ms", sa.Float, nullable=False, default=0.0),
+    sa.Column("checkpoint_uri", sa.Text, nullable=False, default=""),
+    sa.Column("checkpoint_sha256", sa.String(64), nullable=False, default=""),
+    sa.Column("checkpoint_step", sa.BigInteger, nullable=False, default=0),
+    sa.Column("create_time", sa.Float, nullable=False),
+    sa.Column("start_time", sa.Float, nullable=True),
+    sa.Column("end_time", sa.Float, nullable=True),
+    sa.Column("queue_wait_ms", sa.Float, nullable=False, default=0.0),
+)
+
+steps = sa.Table(
+    "scheduler_steps",
+    metadata,
+    sa.Column("experiment_id", sa.String(64), primary_key=True),
+    sa.Column("step", sa.BigInteger, primary_key=True),
+    sa.Column("metrics", sa.LargeBinary, nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+)
+
+events = sa.Table(
+    "scheduler_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("experiment_id", sa.String(64), nullable=False, index=True),
+    sa.Column("event", sa.LargeBinary, nullable=False),
+)
+
+nodes = sa.Table(
+    "scheduler_nodes",
+    metadata,
+    sa.Column("node_id", sa.String(64), primary_key=True),
+    sa.Column("rollout_address", sa.String(256), nullable=False),
+    sa.Column("trainer_address", sa.String(256), nullable=False),
+    sa.Column("base_model", sa.String(256), nullable=False),
+    sa.Column("slots", sa.Integer, nullable=False),
+    sa.Column("max_rank", sa.Integer, nullable=False),
+    sa.Column("state", sa.Integer, nullable=False),
+    sa.Column("last_heartbeat", sa.Float, nullable=False),
+    sa.Column("static", sa.Boolean, nullable=False, default=False),
+)
+
+pushed_data = sa.Table(
+    "scheduler_pushed_data",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("experiment_id", sa.String(64), nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("consumed", sa.Boolean, nullable=False, default=False),
+)
+
+_EXPERIMENT_FIELDS = {
+    "state",
+    "state_reason",
+    "node_id",
+    "current_step",
+    "adapter_id",
+    "latest_version",
+    "base_accuracy",
+    "latest_accuracy",
+    "last_reward",
+    "last_accuracy",
+    "last_step_ms",
+    "start_time",
+    "end_time",
+    "queue_wait_ms",
+}
+
+
+def _record(row: sa.Row) -> ExperimentRecord:
+    return ExperimentRecord(
+        experiment_id=row.experiment_id,
+        spec=pb.ExperimentSpec.FromString(row.spec),
+        state=row.state,
+        state_reason=row.state_reason,
+        node_id=row.node_id,
+        current_step=row.current_step,
+        adapter_id=row.adapter_id,
+        latest_version=row.latest_version,
+        base_accuracy=row.base_accuracy,
+        latest_accuracy=row.latest_accuracy,
+        last_reward=row.last_reward,
+        last_accuracy=row.last_accuracy,
+        last_step_ms=row.last_step_ms,
+        checkpoint=Checkpoint(row.checkpoint_uri, row.checkpoint_sha256, row.checkpoint_step),
+        create_time=row.create_time,
+        start_time=row.start_time,
+        end_time=row.end_time,
+        queue_wait_ms=row.queue_wait_ms,
+    )
+
+
+def _node(row: sa.Row) -> NodeRecord:
+    return NodeRecord(
+        node_id=row.node_id,
+        rollout_address=row.rollout_address,
+        trainer_address=row.trainer_address,
+        base_model=row.base_model,
+        slots=row.slots,
+        max_rank=row.max_rank,
+        state=row.state,
+        last_heartbeat=row.last_heartbeat,
+        static=row.static,
+    )
+
+
+class SchedulerStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def create_tables(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    # experiments -----------------------------------------------------------
+
+    async def insert_experiment(self, record: ExperimentRecord) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    sa.insert(experiments).values(
+                        experiment_id=record.experiment_id,
+                        spec=record.spec.SerializeToString(deterministic=True),
+                        state=record.state,
+                        state_reason=record.state_reason,
+                        node_id=record.node_id,
+                        current_step=0,
+                        adapter_id=record.adapter_id,
+                        latest_version=0,
+                        last_reward=0.0,
+                        last_accuracy=0.0,
+                        last_step_ms=0.0,
+                        checkpoint_uri="",
+                        checkpoint_sha256="",
+                        checkpoint_step=0,
+                        create_time=record.create_time,
+                        queue_wait_ms=0.0,
+                    )
+                )
+        except IntegrityError as exc:
+            raise AlreadyExists(
+                f"experiment {record.experiment_id!r} already exists",
+                reason="EXPERIMENT_EXISTS",
+            ) from exc
+
+    async def get_experiment(self, experiment_id: str) -> ExperimentRecord:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(experiments).where(experiments.c.experiment_id == experiment_id)
+                )
+            ).first()
+        if row is None:
+            raise NotFound(
+                f"experiment {experiment_id!r} does not exist", reason="EXPERIMENT_NOT_FOUND"
+            )
+        return _record(row)
+
+    async def list_experiments(
+        self, states: Iterable[int] = (), *, after_id: str = "", limit: int = 1000
+    ) -> list[ExperimentRecord]:
+        query = sa.select(experiments).order_by(experiments.c.experiment_id).limit(limit)
+        states = list(states)
+        if states:
+            query = query.where(experiments.c.state.in_(states))
+        if after_id:
+            query = query.where(experiments.c.experiment_id > after_id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(r) for r in rows]
+
+    async def update_experiment(self, experiment_id: str, **fields: object) -> None:
+        unknown = set(fields) - _EXPERIMENT_FIELDS
+        if unknown:
+            raise ValueError(f"not experiment fields: {sorted(unknown)}")
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.update(experiments)
+                .where(experiments.c.experiment_id == experiment_id)
+                .values(**fields)
+            )
+
+    async def save_checkpoint(self, experiment_id: str, checkpoint: Checkpoint) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.update(experiments)
+                .where(experiments.c.experiment_id == experiment_id)
+                .values(
+                    checkpoint_uri=checkpoint.uri,
+                    checkpoint_sha256=checkpoint.sha256,
+                    checkpoint_step=checkpoint.step,
+                )
+            )
+
+    # steps -------------------------------------------------------------------
+
+    async def complete_step(
+        self, experiment_id: str, metrics: metrics_pb2.StepMetrics, **fields: object
+    ) -> bool:
+        """Store step `metrics.step` and advance the experiment to it, atomically.
+
+        Returns False (and changes nothing) when that step is already stored:
+        a replayed step after a restart must not count twice.
+        """
+        unknown = set(fields) - _EXPERIMENT_FIELDS
+        if unknown:
+            raise ValueError(f"not experiment fields: {sorted(unknown)}")
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    sa.insert(steps).values(
+                        experiment_id=experiment_id,
+                        step=metrics.step,
+                        metrics=metrics.SerializeToString(deterministic=True),
+                        time=time.time(),
+                    )
+                )
+                await conn.execute(
+                    sa.update(experiments)
+                    .where(experiments.c.experiment_id == experiment_id)
+                    .values(current_step=metrics.step, **fields)
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    async def list_steps(
+        self, experiment_id: str, *, after_step: int = 0
+    ) -> list[metrics_pb2.StepMetrics]:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(steps.c.metrics)
+                    .where(steps.c.experiment_id == experiment_id, steps.c.step > after_step)
+                    .order_by(steps.c.step)
+                )
+            ).all()
+        return [metrics_pb2.StepMetrics.FromString(r.metrics) for r in rows]
+
+    # lifecycle events ----------------------------------------------------------
+
+    async def add_event(self, experiment_id: str, event: pb.LifecycleEvent) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.insert(events).values(
+                    experiment_id=experiment_id, event=event.SerializeToString()
+                )
+            )
+
+    async def list_events(self, experiment_id: str) -> list[pb.LifecycleEvent]:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(events.c.event)
+                    .where(events.c.experiment_id == experiment_id)
+                    .order_by(events.c.id)
+                )
+            ).all()
+        return [pb.LifecycleEvent.FromString(r.event) for r in rows]
+
+    # nodes -------------------------------------------------------------------
+
+    async def upsert_node(self, node: NodeRecord) -> None:
+        values = {
+            "rollout_address": node.rollout_address,
+            "trainer_address": node.trainer_address,
+            "base_model": node.base_model,
+            "slots": node.slots,
+            "max_rank": node.max_rank,
+            "state": node.state,
+            "last_heartbeat": node.last_heartbeat,
+            "static": node.static,
+        }
+        async with self.engine.begin() as conn:
+            updated = await conn.execute(
+                sa.update(nodes).where(nodes.c.node_id == node.node_id).values(**values)
+            )
+            if not updated.rowcount:
+                await conn.execute(sa.insert(nodes).values(node_id=node.node_id, **values))
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(nodes).order_by(nodes.c.node_id))).all()
+        return [_node(r) for r in rows]
+
+    async def update_node(self, node_id: str, **fields: object) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(sa.update(nodes).where(nodes.c.node_id == node_id).values(**fields))
+
+    # pushed data (continual learning) ---------------------------------------------
+
+    async def push_data(self, experiment_id: str, items: Sequence[tuple[str, dict]]) -> int:
+        async with self.engine.begin() as conn:
+            if items:
+                await conn.execute(
+                    sa.insert(pushed_data),
+                    [
+                        {
+                            "experiment_id": experiment_id,
+                            "kind": kind,
+                            "payload": json.dumps(payload, sort_keys=True),
+                            "consumed": False,
+                        }
+                        for kind, payload in items
+                    ],
+                )
+            count = await conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(pushed_data)
+                .where(
+                    pushed_data.c.experiment_id == experiment_id,
+                    pushed_data.c.consumed.is_(False),
+                )
+            )
+        return int(count or 0)
+
+    async def take_data(self, experiment_id: str, kind: str, limit: int) -> list[dict]:
+        """Oldest unconsumed pushed items of `kind`, marked consumed."""
+        async with self.engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(pushed_data.c.id, pushed_data.c.payload)
+                    .where(
+                        pushed_data.c.experiment_id == experiment_id,
+                        pushed_data.c.kind == kind,
+                        pushed_data.c.consumed.is_(False),
+                    )
+                    .order_by(pushed_data.c.id)
+                    .limit(limit)
+                )
+            ).all()
+            if rows:
+                await conn.execute(
+                    sa.update(pushed_data)
+                    .where(pushed_data.c.id.in_([r.id for r in rows]))
+                    .values(consumed=True)
+                )
+        return [json.loads(r.payload) for r in rows]

@@ -1,0 +1,71 @@
+"""The CPU LoRA op fix installed into vLLM's workers (lorafleet.rollout.vllm_patches),
+checked op by op against vLLM's own ops (the end-to-end effect is covered by the
+mixed-batch and logprob tests on the real engine)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    original = {n: getattr(lora_ops, n) for n in ("bgmv_shrink", "bgmv_expand")}
+    from lorafleet.rollout import vllm_patches
+
+    return original, vllm_patches
+
+
+def test_rows_without_lora_get_no_delta_and_others_are_unchanged(ops):
+    original, fixed = ops
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 1, 4, 6, generator=gen)  # [slots, 1, rank, in]
+    b = torch.randn(3, 1, 5, 4, generator=gen)  # [slots, 1, out, rank]
+    x = torch.randn(4, 6, generator=gen)
+    idx = torch.tensor([0, -1, 2, 1])
+
+    shrunk = torch.zeros(4, 4)
+    fixed.bgmv_shrink(x, a, shrunk, idx, 0.5)
+    out = torch.ones(4, 5)
+    fixed.bgmv_expand(shrunk, b, out, idx, add_inputs=True)
+    assert torch.equal(out[1], torch.ones(5))  # the base row: untouched
+
+    valid = torch.tensor([0, 2, 3])
+    ref_shrunk = torch.zeros(3, 4)
+    original["bgmv_shrink"](x[valid], a, ref_shrunk, idx[valid], 0.5)
+    ref_out = torch.ones(3, 5)
+    original["bgmv_expand"](ref_shrunk, b, ref_out, idx[valid], add_inputs=True)
+    assert torch.equal(out[valid], ref_out)
+
+
+def test_adapters_targeting_lm_head_are_recognised(tmp_path):
+    import json
+
+    from lorafleet.rollout.vllm_engine import UNSUPPORTED_TARGETS, _target_modules
+
+    for targets, bad in [
+        (["q_proj", "v_proj"], set()),
+        (["q_proj", "lm_head"], {"lm_head"}),
+        (".*(embed_tokens|q_proj)", {"embed_tokens"}),
+    ]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": targets}))
+        assert set(_target_modules(str(tmp_path))) & UNSUPPORTED_TARGETS == bad
+
+
+def test_a_batch_without_any_adapter_adds_nothing(ops):
+    _, fixed = ops
+    a = torch.randn(2, 1, 4, 6)
+    b = torch.randn(2, 1, 5, 4)
+    idx = torch.tensor([-1, -1])
+    shrunk = torch.full((2, 4), 7.0)
+    fixed.bgmv_shrink(torch.randn(2, 6), a, shrunk, idx, 1.0)
+    assert torch.equal(shrunk, torch.zeros(2, 4))
+    out = torch.ones(2, 5)
+    fixed.bgmv_expand(torch.randn(2, 4), b, out, idx, add_inputs=True)
+    assert torch.equal(out, torch.ones(2, 5))
