@@ -1,0 +1,305 @@
+"""TrainerService over real gRPC (in-process server on port 0, the real client):
+fused steps of heterogeneous adapters, per-request errors with codes and
+reasons, request_id replay, checkpoints, status."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+
+import pytest
+from trainer_harness import random_samples, start_trainer
+
+from lorafleet.api.common.v1 import adapter_pb2
+from lorafleet.api.registry.v1 import registry_pb2 as pb_registry
+from lorafleet.client.trainer import TrainerClient
+from lorafleet.core.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from lorafleet.trainer.config import TrainerSettings
+
+LORA_4 = {"rank": 4, "alpha": 8.0}
+LORA_8 = {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+OPT = {"learning_rate": 1e-2}
+PROBE = [([1, 2, 3, 4, 5, 6, 7, 8], 3), ([9, 8, 7, 6, 5], 2)]
+
+
+@pytest.fixture
+async def trainer(tmp_path, trainer_llama_dir):
+    settings = TrainerSettings(
+        model_path=str(trainer_llama_dir),
+        adapter_cache_dir=str(tmp_path / "cache"),
+        max_adapters=3,
+        max_rank=8,
+        # Wide enough that requests sent together always meet in one batch.
+        fuse_max_wait_ms=200.0,
+        registry_address="127.0.0.1:1",
+    )
+    running = await start_trainer(settings)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def test_concurrent_steps_of_different_ranks_fuse(trainer):
+    client = trainer.client
+    a = await client.create_adapter("exp-a", lora=LORA_4, optimizer=OPT, seed=1)
+    b = await client.create_adapter("exp-b", lora=LORA_8, optimizer=OPT, seed=2)
+    assert (a.lora.rank, b.lora.rank) == (4, 8)
+    assert len(a.lora.target_modules) == 7  # empty = every linear layer of the blocks
+    assert sorted(b.lora.target_modules) == ["down_proj", "q_proj", "v_proj"]
+    before = await client.compute_logprobs(PROBE, adapter_id="exp-a")
+
+    rng = random.Random(0)
+    ra, rb = await asyncio.gather(
+        client.train_step("exp-a", random_samples(rng, 4)),
+        client.train_step("exp-b", random_samples(rng, 3, completion=9)),
+    )
+    assert ra.metrics.fused_batch_adapters == 2
+    assert rb.metrics.fused_batch_adapters == 2
+    assert (ra.step, rb.step) == (1, 1) and ra.applied and rb.applied
+    assert (ra.metrics.num_sequences, rb.metrics.num_sequences) == (4, 3)
+    assert (ra.metrics.num_loss_tokens, rb.metrics.num_loss_tokens) == (24, 27)
+    assert ra.metrics.grad_norm > 0 and rb.metrics.grad_norm > 0
+    after = await client.compute_logprobs(PROBE, adapter_id="exp-a")
+    assert (
+        max(
+            abs(x - y)
+            for s, t in zip(before, after, strict=True)
+            for x, y in zip(s, t, strict=True)
+        )
+        > 1e-4
+    )
+    assert [len(s) for s in after] == [5, 3]
+
+
+async def test_bad_request_in_a_fused_batch_fails_alone(trainer):
+    client = trainer.client
+    await client.create_adapter("good", lora=LORA_4, optimizer=OPT)
+    await client.create_adapter("bad", lora=LORA_4, optimizer=OPT)
+    rng = random.Random(1)
+    batches_before = trainer.runtime.queue.batches_run
+    good, bad = await asyncio.gather(
+        client.train_step("good", random_samples(rng, 2)),
+        client.train_step("bad", random_samples(rng, 2, bad_logprobs=True)),
+        return_exceptions=True,
+    )
+    # Both arrived in one batch; the bad one failed alone, the good one trained.
+    assert trainer.runtime.queue.batches_run == batches_before + 1
+    assert isinstance(bad, InvalidArgument), bad
+    assert bad.reason == "LOGPROBS_LENGTH_MISMATCH"
+    assert not isinstance(good, BaseException), good
+    assert good.step == 1 and good.applied
+    status = {a.adapter_id: a.step for a in (await client.status()).adapters}
+    assert status == {"good": 1, "bad": 0}
+
+
+async def test_error_codes_and_reasons(trainer):
+    client = trainer.client
+    rng = random.Random(2)
+    with pytest.raises(NotFound) as e:
+        await client.train_step("nobody", random_samples(rng, 1))
+    assert e.value.reason == "ADAPTER_NOT_FOUND"
+    with pytest.raises(NotFound) as e:
+        await client.compute_logprobs(PROBE, adapter_id="nobody")
+    assert e.value.reason == "ADAPTER_NOT_FOUND"
+    with pytest.raises(NotFound):
+        await client.drop_adapter("nobody")
+
+    with pytest.raises(FailedPrecondition) as e:
+        await client.create_adapter("wide", lora={"rank": 16, "alpha": 16.0})
+    assert e.value.reason == "RANK_ABOVE_NODE_MAX"
+    with pytest.raises(InvalidArgument) as e:
+        await client.create_adapter("Bad/Id", lora=LORA_4)
+    assert e.value.reason == "INVALID_ADAPTER_ID"
+    with pytest.raises(InvalidArgument) as e:
+        await client.create_adapter("no-rank")
+    assert e.value.reason == "RANK_TOO_SMALL"
+
+    for name in ("s1", "s2", "s3"):
+        await client.create_adapter(name, lora=LORA_4)
+    with pytest.raises(AlreadyExists) as e:
+        await client.create_adapter("s1", lora=LORA_4)
+    assert e.value.reason == "ADAPTER_EXISTS"
+    with pytest.raises(ResourceExhausted) as e:
+        await client.create_adapter("s4", lora=LORA_4)
+    assert e.value.reason == "NO_FREE_SLOT"
+
+    # Shape and token errors, each with its own reason.
+    with pytest.raises(InvalidArgument) as e:
+        await client.train_step("s1", random_samples(rng, 1, vocab=1000))
+    assert e.value.reason == "TOKEN_OUT_OF_RANGE"
+    with pytest.raises(InvalidArgument) as e:
+        await client.compute_logprobs([([1, 2, 3], 0)], adapter_id="s1")
+    assert e.value.reason == "INVALID_PROMPT_LENGTH"
+    with pytest.raises(InvalidArgument) as e:
+        await client.train_step("s1", [])
+    assert e.value.reason == "EMPTY_REQUEST"
+
+    # A freed slot is usable again.
+    await client.drop_adapter("s3")
+    await client.create_adapter("s4", lora=LORA_4)
+    status = await client.status()
+    assert (status.slots_total, status.slots_used, status.max_rank) == (3, 3, 8)
+
+
+async def test_replayed_request_id_does_not_train_twice(trainer):
+    client = trainer.client
+    await client.create_adapter("exp", lora=LORA_4, optimizer=OPT, request_id="create-1")
+    # CreateAdapter replays too (no ALREADY_EXISTS on a retry).
+    await client.create_adapter("exp", lora=LORA_4, optimizer=OPT, request_id="create-1")
+    samples = random_samples(random.Random(3), 3)
+    first = await client.train_step("exp", samples, request_id="step-1")
+    after_first = await client.compute_logprobs(PROBE, adapter_id="exp")
+    again = await client.train_step("exp", samples, request_id="step-1")
+    assert again == first
+    assert (await client.adapter_info("exp")).step == 1
+    assert await client.compute_logprobs(PROBE, adapter_id="exp") == after_first
+    # The same id for a different request is refused, not answered with stale data.
+    with pytest.raises(InvalidArgument) as e:
+        await client.train_step("exp", samples[:1], request_id="step-1")
+    assert e.value.reason == "REQUEST_ID_REUSED"
+    second = await client.train_step("exp", samples, request_id="step-2")
+    assert second.step == 2
+
+
+async def test_forward_backward_then_optim_step_equals_train_step(trainer):
+    client = trainer.client
+    for name in ("split", "joint"):
+        await client.create_adapter(name, lora=LORA_8, optimizer=OPT, seed=7)
+    rng = random.Random(4)
+    samples = random_samples(rng, 4)
+    fb = await client.forward_backward("split", samples)
+    assert fb.metrics.num_sequences == 4
+    assert (await client.adapter_info("split")).step == 0
+    opt = await client.optim_step("split")
+    assert opt.step == 1 and opt.applied
+    joint = await client.train_step("joint", samples)
+    assert joint.metrics.loss == pytest.approx(fb.metrics.loss, abs=1e-6)
+    split_lp = await client.compute_logprobs(PROBE, adapter_id="split")
+    joint_lp = await client.compute_logprobs(PROBE, adapter_id="joint")
+    base_lp = await client.compute_logprobs(PROBE)
+    flat = [
+        (x, y, z)
+        for s, t, u in zip(split_lp, joint_lp, base_lp, strict=True)
+        for x, y, z in zip(s, t, u, strict=True)
+    ]
+    assert max(abs(x - y) for x, y, _ in flat) < 1e-6
+    assert max(abs(x - z) for x, _, z in flat) > 1e-4  # training moved it off the base
+    # No gradient accumulated: the step is skipped, nothing changes.
+    skipped = await client.optim_step("split")
+    assert (skipped.step, skipped.applied) == (1, False)
+
+
+async def test_save_and_load_state(trainer):
+    client = trainer.client
+    await client.create_adapter("exp", lora=LORA_4, optimizer=OPT)
+    rng = random.Random(5)
+    await client.train_step("exp", random_samples(rng, 2))
+    state = await client.save_state("exp")
+    assert state.step == 1 and state.uri.startswith("file:///") and len(state.sha256) == 64
+    saved_lp = await client.compute_logprobs(PROBE, adapter_id="exp")
+    await client.train_step("exp", random_samples(rng, 2))
+
+    with pytest.raises(DataLoss) as e:
+        await client.load_state("exp", state.uri, "0" * 64)
+    assert e.value.reason == "STATE_DIGEST_MISMATCH"
+    with pytest.raises(NotFound) as e:
+        await client.load_state("exp", state.uri + ".gone", state.sha256)
+    assert e.value.reason == "STATE_NOT_FOUND"
+
+    # Replace in place: back to step 1 and its weights.
+    info = await client.load_state("exp", state.uri, state.sha256)
+    assert info.step == 1
+    assert await client.compute_logprobs(PROBE, adapter_id="exp") == saved_lp
+    # Replace an adapter of another shape, and create one that is absent.
+    await client.create_adapter("other", lora=LORA_8)
+    info = await client.load_state("other", state.uri, state.sha256)
+    assert (info.step, info.lora.rank) == (1, 4)
+    await client.drop_adapter("exp")
+    info = await client.load_state("exp", state.uri, state.sha256)
+    assert info.step == 1 and info.optimizer.learning_rate == pytest.approx(1e-2)
+    assert await client.compute_logprobs(PROBE, adapter_id="exp") == saved_lp
+    assert await client.compute_logprobs(PROBE, adapter_id="other") == saved_lp
+
+
+async def test_status_reports_memory(trainer):
+    client = trainer.client
+    await client.create_adapter("exp", lora=LORA_8, optimizer=OPT)
+    await client.train_step("exp", random_samples(random.Random(6), 2))
+    status = await client.status()
+    assert status.base_model_bytes > 0
+    assert status.process_memory_bytes > status.base_model_bytes
+    (info,) = status.adapters
+    assert info.step == 1 and info.parameter_count > 0
+    assert info.parameter_bytes == 4 * info.parameter_count  # fp32
+    assert info.optimizer_state_bytes >= 2 * info.parameter_bytes  # AdamW moments
+
+
+async def test_blocking_client(trainer):
+    # The sync twin runs on its own loop thread; the server's loop keeps serving.
+    def blocking() -> int:
+        with TrainerClient(trainer.address) as client:
+            client.create_adapter("sync", lora=LORA_4)
+            return client.status().slots_used
+
+    assert await asyncio.to_thread(blocking) == 1
+
+
+class FakeRegistry:
+    """Resolves every selector to one stored version; counts downloads."""
+
+    def __init__(self, directory, ref) -> None:
+        self.directory, self.ref, self.downloads = directory, ref, 0
+
+    async def resolve(self, selector, *, node_id=""):
+        return pb_registry.ResolveVersionResponse(ref=self.ref)
+
+    async def download_version(self, adapter_id, version, dest_dir):
+        self.downloads += 1
+        for f in self.ref.files:
+            shutil.copy(self.directory / f.name, dest_dir / f.name)
+        return dest_dir
+
+
+async def test_create_from_version_loads_in_place_or_downloads(trainer, tmp_path):
+    client, engine = trainer.client, trainer.runtime.engine
+    await client.create_adapter("src", lora=LORA_8, optimizer=OPT, seed=3)
+    await client.train_step("src", random_samples(random.Random(7), 2))
+    saved = await asyncio.to_thread(engine.save_peft, "src", tmp_path / "src-v1")
+    ref = adapter_pb2.AdapterRef(
+        adapter_id="src",
+        version=1,
+        uri=(tmp_path / "src-v1").as_uri(),
+        sha256=saved.sha256,
+        files=[
+            adapter_pb2.FileDigest(name=f.name, sha256=f.sha256, size_bytes=f.size_bytes)
+            for f in saved.files
+        ],
+    )
+    fake = FakeRegistry(tmp_path / "src-v1", ref)
+    trainer.runtime.servicer.registry = fake
+    src_lp = await client.compute_logprobs(PROBE, adapter_id="src")
+
+    await client.create_adapter("local", from_version="src@1")  # readable file://: in place
+    assert fake.downloads == 0
+    ref.uri = "s3://bucket/adapters/src/1"  # not readable here: downloaded
+    await client.create_adapter("remote", from_version="src@1")
+    assert fake.downloads == 1
+    ref.uri = (tmp_path / "src-v1").as_uri()
+    ref.files[0].sha256 = "0" * 64  # local files no longer match: downloaded
+    await client.drop_adapter("local")
+    await client.create_adapter("local", from_version="src@1")
+    assert fake.downloads == 2
+    for name in ("local", "remote"):
+        assert await client.compute_logprobs(PROBE, adapter_id=name) == src_lp
+        assert (await client.adapter_info(name)).step == 0  # fresh optimizer
+    downloads = trainer.settings.cache_path / ".trainer-downloads"
+    assert list(downloads.iterdir()) == []  # loaded, then cleaned up
