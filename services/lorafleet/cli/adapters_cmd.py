@@ -51,8 +51,14 @@ def ls_command(experiment: str, **options: Any) -> None:
     for column in ("adapter", "experiment", "base model", "rank", "alpha", "latest"):
         table.add_column(column)
     for a in adapters:
-        table.add_row(a.adapter_id, a.experiment_id or "-", a.base_model, str(a.lora.rank),
-                      f"{a.lora.alpha:g}", str(a.latest_version))
+        table.add_row(
+            a.adapter_id,
+            a.experiment_id or "-",
+            a.base_model,
+            str(a.lora.rank),
+            f"{a.lora.alpha:g}",
+            str(a.latest_version),
+        )
     console.print(table)
 
 
@@ -70,8 +76,10 @@ def get_command(selector: str, **options: Any) -> None:
         click.echo(json.dumps(json_format.MessageToDict(resolved), indent=2, sort_keys=True))
         return
     v = resolved.version
-    console.print(f"[bold]{v.name}[/bold] {pb.VersionState.Name(v.state)} "
-                  f"step {v.training_step} parent {v.parent_version}")
+    console.print(
+        f"[bold]{v.name}[/bold] {pb.VersionState.Name(v.state)} "
+        f"step {v.training_step} parent {v.parent_version}"
+    )
     console.print(f"  sha256 {v.sha256}  {v.size_bytes} bytes  aliases {list(v.aliases)}")
     for uri in v.uris:
         console.print(f"  {uri}")
@@ -96,16 +104,26 @@ def versions_command(adapter_id: str, **options: Any) -> None:
     for column in ("version", "state", "step", "reward", "aliases", "size"):
         table.add_column(column)
     for v in versions:
-        table.add_row(str(v.version), pb.VersionState.Name(v.state).removeprefix("VERSION_STATE_"),
-                      str(v.training_step), f"{v.metrics.get('reward_mean', 0.0):.3f}",
-                      ",".join(v.aliases), str(v.size_bytes))
+        table.add_row(
+            str(v.version),
+            pb.VersionState.Name(v.state).removeprefix("VERSION_STATE_"),
+            str(v.training_step),
+            f"{v.metrics.get('reward_mean', 0.0):.3f}",
+            ",".join(v.aliases),
+            str(v.size_bytes),
+        )
     console.print(table)
 
 
 @adapters_group.command("pull")
 @click.argument("selector")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Directory to write (default ./<adapter>-v<N>).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory to write (default ./<adapter>-v<N>).",
+)
 @address_options
 def pull_command(selector: str, out_dir: Path | None, **options: Any) -> None:
     """Download a version as a PEFT directory (checked against its sha256)."""
@@ -117,11 +135,14 @@ def pull_command(selector: str, out_dir: Path | None, **options: Any) -> None:
         except LorafleetError as err:
             _fail(err)
     if options["as_json"]:
-        click.echo(json.dumps({"path": str(path), "version": version.version,
-                               "sha256": version.sha256}))
+        click.echo(
+            json.dumps({"path": str(path), "version": version.version, "sha256": version.sha256})
+        )
     else:
-        console.print(f"pulled {version.name} into {path} "
-                      "(load with peft.PeftModel.from_pretrained(base, path))")
+        console.print(
+            f"pulled {version.name} into {path} "
+            "(load with peft.PeftModel.from_pretrained(base, path))"
+        )
 
 
 @adapters_group.command("alias")
@@ -138,7 +159,8 @@ def alias_command(selector: str, alias: str, **options: Any) -> None:
         except LorafleetError as err:
             _fail(err)
     if options["as_json"]:
-        click.echo(json.dumps({"adapter": parsed.adapter_id, "alias": alias,
-                               "version": version.version}))
+        click.echo(
+            json.dumps({"adapter": parsed.adapter_id, "alias": alias, "version": version.version})
+        )
     else:
         console.print(f"{parsed.adapter_id}@{alias} -> version {version.version}")

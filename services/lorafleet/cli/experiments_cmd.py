@@ -47,17 +47,34 @@ def _dump(message: Any) -> None:
 
 def experiments_table(experiments: list[pb.Experiment]) -> Table:
     table = Table(title="experiments")
-    for column in ("id", "task", "state", "node", "step", "version", "reward", "base acc",
-                   "acc", "reason"):
+    for column in (
+        "id",
+        "task",
+        "state",
+        "node",
+        "step",
+        "version",
+        "reward",
+        "base acc",
+        "acc",
+        "reason",
+    ):
         table.add_column(column)
     for e in experiments:
         env = e.spec.environment
         task = env.builtin.task if env.WhichOneof("kind") == "builtin" else env.remote.address
         steps = f"{e.current_step}/{e.spec.algorithm.max_steps or '∞'}"
         table.add_row(
-            e.experiment_id, task, _state(e.state), e.node_id or "-", steps,
-            str(e.latest_version), f"{e.last_step.reward_mean:.3f}",
-            _accuracy(e, "base_accuracy"), _accuracy(e, "latest_accuracy"), e.state_reason,
+            e.experiment_id,
+            task,
+            _state(e.state),
+            e.node_id or "-",
+            steps,
+            str(e.latest_version),
+            f"{e.last_step.reward_mean:.3f}",
+            _accuracy(e, "base_accuracy"),
+            _accuracy(e, "latest_accuracy"),
+            e.state_reason,
         )
     return table
 
@@ -82,8 +99,12 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
 
 
 @click.command("submit")
-@click.option("--spec", "spec_file", type=click.Path(path_type=Path, exists=True),
-              help="ExperimentSpec as YAML or TOML (proto field names).")
+@click.option(
+    "--spec",
+    "spec_file",
+    type=click.Path(path_type=Path, exists=True),
+    help="ExperimentSpec as YAML or TOML (proto field names).",
+)
 @click.option("--task", help="Built-in task (when no --spec).")
 @click.option("--param", multiple=True, help="Task parameter KEY=VALUE (repeatable).")
 @click.option("--steps", type=int, default=20, show_default=True, help="0 = continual.")
@@ -98,17 +119,39 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--name", "display_name", default="", help="Display name.")
 @click.option("--id", "experiment_id", default="", help="Experiment id (default: generated).")
 @address_options
-def submit_command(spec_file, task, param, steps, rank, lr, group_size, prompts_per_step,  # type: ignore[no-untyped-def]
-                   max_staleness, weight, seed, base_model, display_name, experiment_id,
-                   **options):
+def submit_command(
+    spec_file,
+    task,
+    param,
+    steps,
+    rank,
+    lr,
+    group_size,
+    prompts_per_step,  # type: ignore[no-untyped-def]
+    max_staleness,
+    weight,
+    seed,
+    base_model,
+    display_name,
+    experiment_id,
+    **options,
+):
     """Submit an experiment; it starts at once on a node with a free slot."""
     if spec_file:
         spec = _load_spec_file(spec_file)
     elif task:
         spec = builtin_spec(
-            task, base_model=base_model, params=_parse_params(param), rank=rank,
-            max_steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
-            learning_rate=lr, max_staleness=max_staleness, weight=weight, seed=seed,
+            task,
+            base_model=base_model,
+            params=_parse_params(param),
+            rank=rank,
+            max_steps=steps,
+            prompts_per_step=prompts_per_step,
+            group_size=group_size,
+            learning_rate=lr,
+            max_staleness=max_staleness,
+            weight=weight,
+            seed=seed,
             display_name=display_name,
         )
     else:
@@ -121,9 +164,11 @@ def submit_command(spec_file, task, param, steps, rank, lr, group_size, prompts_
     if options["as_json"]:
         _dump(experiment)
     else:
-        console.print(f"submitted [bold]{experiment.experiment_id}[/bold] "
-                      f"({_state(experiment.state)}); follow it with "
-                      f"`lorafleet watch {experiment.experiment_id}`")
+        console.print(
+            f"submitted [bold]{experiment.experiment_id}[/bold] "
+            f"({_state(experiment.state)}); follow it with "
+            f"`lorafleet watch {experiment.experiment_id}`"
+        )
 
 
 @click.command("ls")
@@ -170,8 +215,10 @@ def _lifecycle_action(name: str, method: str, doc: str):  # type: ignore[no-unty
         if options["as_json"]:
             _dump(experiment)
         else:
-            console.print(f"{experiment.experiment_id}: {_state(experiment.state)}"
-                          f" ({experiment.state_reason})")
+            console.print(
+                f"{experiment.experiment_id}: {_state(experiment.state)}"
+                f" ({experiment.state_reason})"
+            )
 
     return command
 
@@ -183,17 +230,33 @@ cancel_command = _lifecycle_action("cancel", "cancel", "Cancel an experiment.")
 
 def _steps_table(experiment_id: str, rows: list[pb.WatchExperimentResponse], state: str) -> Table:
     table = Table(title=f"{experiment_id} ({state})")
-    for column in ("step", "version", "reward", "accuracy", "eval acc", "loss", "kl",
-                   "rollout ms", "train ms", "tok/s"):
+    for column in (
+        "step",
+        "version",
+        "reward",
+        "accuracy",
+        "eval acc",
+        "loss",
+        "kl",
+        "rollout ms",
+        "train ms",
+        "tok/s",
+    ):
         table.add_column(column, justify="right")
     for event in rows[-20:]:
         m = event.step
         tok_s = m.rollout_tokens / (m.times.step_ms / 1000) if m.times.step_ms else 0.0
         table.add_row(
-            str(m.step), str(m.adapter_version), f"{m.reward_mean:.3f}", f"{m.accuracy:.3f}",
+            str(m.step),
+            str(m.adapter_version),
+            f"{m.reward_mean:.3f}",
+            f"{m.accuracy:.3f}",
             f"{m.eval_accuracy:.3f}" if m.HasField("eval_accuracy") else "",
-            f"{m.train.loss:.4f}", f"{m.train.kl:.4f}", f"{m.times.rollout_ms:.0f}",
-            f"{m.times.train_ms:.0f}", f"{tok_s:.0f}",
+            f"{m.train.loss:.4f}",
+            f"{m.train.kl:.4f}",
+            f"{m.times.rollout_ms:.0f}",
+            f"{m.times.train_ms:.0f}",
+            f"{tok_s:.0f}",
         )
     return table
 
@@ -241,11 +304,25 @@ def nodes_command(**options):  # type: ignore[no-untyped-def]
     for column in ("node", "state", "base model", "slots", "max rank", "rollout", "trainer"):
         table.add_column(column)
     for n in nodes:
-        table.add_row(n.node_id, pb.NodeState.Name(n.state).removeprefix("NODE_STATE_").lower(),
-                      n.base_model, f"{n.slots_used}/{n.slots_total}", str(n.max_rank),
-                      n.rollout_address, n.trainer_address)
+        table.add_row(
+            n.node_id,
+            pb.NodeState.Name(n.state).removeprefix("NODE_STATE_").lower(),
+            n.base_model,
+            f"{n.slots_used}/{n.slots_total}",
+            str(n.max_rank),
+            n.rollout_address,
+            n.trainer_address,
+        )
     console.print(table)
 
 
-COMMANDS = [submit_command, ls_command, get_command, watch_command, pause_command,
-            resume_command, cancel_command, nodes_command]
+COMMANDS = [
+    submit_command,
+    ls_command,
+    get_command,
+    watch_command,
+    pause_command,
+    resume_command,
+    cancel_command,
+    nodes_command,
+]

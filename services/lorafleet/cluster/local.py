@@ -155,9 +155,7 @@ class LocalCluster:
             + self.tail(name)
         )
 
-    def start_and_wait(
-        self, spec: ServiceSpec, timeout_s: float = DEFAULT_START_TIMEOUT_S
-    ) -> str:
+    def start_and_wait(self, spec: ServiceSpec, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> str:
         self.start(spec)
         return self.wait_serving(spec.name, timeout_s)
 

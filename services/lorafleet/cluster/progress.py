@@ -53,9 +53,20 @@ class RunResult:
 def live_table(experiments: list[pb.Experiment], started: float) -> Table:
     elapsed = time.monotonic() - started
     table = Table(title=f"lorafleet demo — {elapsed:5.0f} s")
-    for column in ("experiment", "task", "state", "step", "version", "reward", "base acc",
-                   "acc", "steps/s"):
-        table.add_column(column, justify="right" if column not in ("experiment", "task") else "left")
+    for column in (
+        "experiment",
+        "task",
+        "state",
+        "step",
+        "version",
+        "reward",
+        "base acc",
+        "acc",
+        "steps/s",
+    ):
+        table.add_column(
+            column, justify="right" if column not in ("experiment", "task") else "left"
+        )
     for e in experiments:
         steps_per_s = e.current_step / elapsed if elapsed > 0 else 0.0
         table.add_row(
@@ -78,16 +89,31 @@ def final_table(results: list[RunResult], wall_s: float) -> Table:
         title=f"results — wall {wall_s:.0f} s, {total_steps} steps, "
         f"{total_steps / wall_s if wall_s else 0:.2f} steps/s"
     )
-    for column in ("experiment", "task", "state", "steps", "base acc", "final acc", "gain",
-                   "wall s", "improved"):
+    for column in (
+        "experiment",
+        "task",
+        "state",
+        "steps",
+        "base acc",
+        "final acc",
+        "gain",
+        "wall s",
+        "improved",
+    ):
         table.add_column(column)
     for r in results:
         e = r.experiment
         base = e.base_accuracy if e.HasField("base_accuracy") else float("nan")
         final = e.latest_accuracy if e.HasField("latest_accuracy") else float("nan")
         table.add_row(
-            e.experiment_id, task_of(e), state_name(e.state), str(e.current_step),
-            f"{base:.3f}", f"{final:.3f}", f"{final - base:+.3f}", f"{r.wall_s:.0f}",
+            e.experiment_id,
+            task_of(e),
+            state_name(e.state),
+            str(e.current_step),
+            f"{base:.3f}",
+            f"{final:.3f}",
+            f"{final - base:+.3f}",
+            f"{r.wall_s:.0f}",
             "[green]yes[/green]" if r.improved else "[red]no[/red]",
         )
     return table

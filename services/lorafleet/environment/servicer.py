@@ -10,8 +10,8 @@ from lorafleet.api.environment.v1 import environment_pb2 as pb
 from lorafleet.api.environment.v1 import environment_pb2_grpc
 from lorafleet.core.errors import InvalidArgument, ResourceExhausted
 from lorafleet.core.validation import require
-from lorafleet.envs import STOP, InvalidTaskParams, Prompt, Task, UnknownTask, get_task, list_tasks
 from lorafleet.environment.structs import dict_to_struct, struct_to_dict
+from lorafleet.envs import STOP, InvalidTaskParams, Prompt, Task, UnknownTask, get_task, list_tasks
 
 
 def _task(name: str, params: dict) -> Task:

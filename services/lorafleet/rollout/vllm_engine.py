@@ -176,6 +176,13 @@ class VllmEngine:
             # on CPU (see lorafleet.rollout.vllm_patches); imported by vLLM in
             # each worker process.
             kwargs["worker_extension_cls"] = CPU_LORA_FIX
+            # A prompt prefilled in chunks has its first sampled token discarded,
+            # and vLLM then rewinds that request's seeded generator with
+            # set_offset(), which CPU generators do not support ("CPU Generator
+            # does not use offset"): the engine dies. Whole-prompt prefill never
+            # discards; with small max_model_len it costs nothing.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(self._max_model_len, 8192)
         return AsyncEngineArgs(
             model=self.model_path,
             enable_lora=True,

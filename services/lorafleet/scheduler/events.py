@@ -19,8 +19,8 @@ MAX_QUEUED_EVENTS = 10_000
 
 class EventHub:
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[asyncio.Queue[pb.WatchExperimentResponse]]] = (
-            defaultdict(set)
+        self._subscribers: dict[str, set[asyncio.Queue[pb.WatchExperimentResponse]]] = defaultdict(
+            set
         )
 
     def subscribe(self, experiment_id: str) -> asyncio.Queue[pb.WatchExperimentResponse]:

@@ -22,6 +22,7 @@ current one trains. Every sample records the version that generated it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -115,7 +116,9 @@ class ExperimentRunner:
 
     async def _trainer(self, method: str, request, timeout_s: float | None = None):  # type: ignore[no-untyped-def]
         stub = getattr(self.node.trainer_stub, method)
-        return await self.node.trainer.call(stub, request, timeout_s or self.settings.train_timeout_s)
+        return await self.node.trainer.call(
+            stub, request, timeout_s or self.settings.train_timeout_s
+        )
 
     async def _rollout(self, method: str, request):  # type: ignore[no-untyped-def]
         stub = getattr(self.node.rollout_stub, method)
@@ -137,7 +140,7 @@ class ExperimentRunner:
         """Bring registry, trainer and store into agreement at the last completed step."""
         rec = self.record
         rec.adapter_id = rec.adapter_id or self.exp
-        try:
+        with contextlib.suppress(AlreadyExists):
             await self._registry(
                 "CreateAdapter",
                 registry_pb2.CreateAdapterRequest(
@@ -148,8 +151,6 @@ class ExperimentRunner:
                     lora=self.spec.lora,
                 ),
             )
-        except AlreadyExists:
-            pass
         registered = (
             await self._registry(
                 "GetAdapter", registry_pb2.GetAdapterRequest(adapter_id=rec.adapter_id)
@@ -483,7 +484,9 @@ class ExperimentRunner:
     def _is_last(self, step: int) -> bool:
         return 0 < self.algo.max_steps == step
 
-    async def _save_version(self, *, step: int, metrics: dict[str, float]) -> adapter_pb2.AdapterRef:
+    async def _save_version(
+        self, *, step: int, metrics: dict[str, float]
+    ) -> adapter_pb2.AdapterRef:
         response = await self._trainer(
             "SaveVersion",
             trainer_pb2.SaveVersionRequest(
@@ -528,4 +531,3 @@ class ExperimentRunner:
             [(p, r.completions[0].text) for p, r in zip(prompts, response.results, strict=True)]
         )
         return sum(s.correct for s in scores) / max(len(scores), 1)
-

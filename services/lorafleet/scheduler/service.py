@@ -9,6 +9,7 @@ experiment that was running and each resumes at its last completed step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -109,8 +110,9 @@ class Scheduler:
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, *([self._supervisor] if self._supervisor else []),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *tasks, *([self._supervisor] if self._supervisor else []), return_exceptions=True
+        )
         for node in self.nodes.values():
             await node.close()
         await self.registry.close()
@@ -216,7 +218,10 @@ class Scheduler:
             )
 
     async def push_data(
-        self, experiment_id: str, prompts: Sequence[pb.DataPrompt], scored: Sequence[pb.ScoredExample]
+        self,
+        experiment_id: str,
+        prompts: Sequence[pb.DataPrompt],
+        scored: Sequence[pb.ScoredExample],
     ) -> int:
         rec = await self.store.get_experiment(experiment_id)
         self._require_active(rec, "push data to")
@@ -322,23 +327,22 @@ class Scheduler:
             except Exception:
                 log.exception("supervisor_tick_failed")
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), SUPERVISOR_TICK_S)
-            except TimeoutError:
-                pass
 
     async def _check_nodes(self) -> None:
         now = time.time()
         for handle in list(self.nodes.values()):
             record = handle.record
-            if record.static or record.state == pb.NODE_STATE_LOST:
-                # Static nodes have no heartbeat sender: a health probe stands in.
-                if await handle.alive():
-                    record.last_heartbeat = now
-                    if record.state == pb.NODE_STATE_LOST:
-                        record.state = pb.NODE_STATE_READY
-                        await self.store.update_node(record.node_id, state=record.state)
-                        log.info("node_recovered", node=record.node_id)
+            # Static nodes have no heartbeat sender (and a lost node may come
+            # back): a health probe stands in for the heartbeat.
+            probe = record.static or record.state == pb.NODE_STATE_LOST
+            if probe and await handle.alive():
+                record.last_heartbeat = now
+                if record.state == pb.NODE_STATE_LOST:
+                    record.state = pb.NODE_STATE_READY
+                    await self.store.update_node(record.node_id, state=record.state)
+                    log.info("node_recovered", node=record.node_id)
             if (
                 record.state == pb.NODE_STATE_READY
                 and now - record.last_heartbeat > self.settings.node_timeout_s
@@ -387,9 +391,7 @@ class Scheduler:
 
     def _start_runner(self, rec: ExperimentRecord, node: NodeHandle) -> None:
         node.experiments.add(rec.experiment_id)
-        task = asyncio.create_task(
-            self._run(rec, node), name=f"experiment-{rec.experiment_id}"
-        )
+        task = asyncio.create_task(self._run(rec, node), name=f"experiment-{rec.experiment_id}")
         self._tasks[rec.experiment_id] = task
 
     async def _run(self, rec: ExperimentRecord, node: NodeHandle) -> None:
@@ -419,7 +421,9 @@ class Scheduler:
                 should_stop=lambda: experiment_id in self._stop_requests,
             )
             await self._set_state(
-                rec, pb.EXPERIMENT_STATE_RUNNING, f"running on {node.node_id}",
+                rec,
+                pb.EXPERIMENT_STATE_RUNNING,
+                f"running on {node.node_id}",
                 node_id=node.node_id,
             )
             await runner.prepare()
@@ -458,7 +462,9 @@ class Scheduler:
                 state, reason = outcome
                 await self._finish(rec, node, state, reason)
 
-    async def _finish(self, rec: ExperimentRecord, node: NodeHandle, state: int, reason: str) -> None:
+    async def _finish(
+        self, rec: ExperimentRecord, node: NodeHandle, state: int, reason: str
+    ) -> None:
         stored = await self.store.get_experiment(rec.experiment_id)
         fields: dict[str, object] = {}
         if state in TERMINAL_STATES:

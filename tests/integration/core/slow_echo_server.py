@@ -11,10 +11,11 @@ import asyncio
 import grpc
 import structlog
 from google.protobuf import wrappers_pb2
+from pydantic_settings import SettingsConfigDict
+
 from lorafleet.core.config import ServiceSettings, load_settings
 from lorafleet.core.logging import configure_logging
 from lorafleet.core.server import ServiceBinding, run_service, serve
-from pydantic_settings import SettingsConfigDict
 
 SERVICE = "lorafleet.testing.v1.SlowEchoService"
 SLOW_CALL_S = 2.0

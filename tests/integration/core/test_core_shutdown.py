@@ -14,6 +14,7 @@ import grpc.aio
 import pytest
 from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from lorafleet.core.channel import make_channel
 
 HERE = Path(__file__).resolve().parent

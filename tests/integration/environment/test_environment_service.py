@@ -66,7 +66,7 @@ async def test_same_seed_and_step_give_same_prompts_and_eval_differs(env):
 async def test_scores_reference_answers_one_and_wrong_answers_less(env):
     prompts = await env.sample_prompts("count", 6, params={"max_len": 8}, seed=1)
     answers = [p.metadata["answer"] for p in prompts]
-    right = await env.score("count", [(p, a + "\n") for p, a in zip(prompts, answers)])
+    right = await env.score("count", [(p, a + "\n") for p, a in zip(prompts, answers, strict=True)])
     wrong = await env.score("count", [(p, "x\n") for p in prompts])
     assert [r.reward for r in right] == [1.0] * 6 and all(r.correct for r in right)
     assert all(r.reward < 1.0 and not r.correct for r in wrong)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc.aio
+
 from lorafleet.client.registry import AsyncRegistryClient
 from lorafleet.core.server import create_server, start_server
 from lorafleet.registry.app import RegistryRuntime, build_runtime

@@ -6,6 +6,8 @@ import asyncio
 import uuid
 
 import pytest
+from registry_harness import SPEC, make_settings, staging_files, start_registry
+
 from lorafleet.api.registry.v1 import registry_pb2 as pb
 from lorafleet.client.registry import RegistryClient, digest_directory, manifest_sha256
 from lorafleet.core.errors import (
@@ -19,7 +21,6 @@ from lorafleet.core.errors import (
 from lorafleet.registry.manifest import manifest_sha256 as server_manifest_sha256
 from lorafleet.registry.testing import write_adapter
 from lorafleet.registry.types import FileDigest
-from registry_harness import SPEC, make_settings, staging_files, start_registry
 
 READY = pb.VERSION_STATE_READY
 DELETED = pb.VERSION_STATE_DELETED

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
+from registry_harness import SPEC, make_settings, start_registry
+
 from lorafleet.api.registry.v1 import registry_pb2 as pb
 from lorafleet.core.errors import Aborted
 from lorafleet.registry.testing import write_adapter
-from registry_harness import SPEC, make_settings, start_registry
 
 PUBLISHERS = 8
 ROUNDS = 4

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from registry_harness import blob_files
+
 from lorafleet.core.errors import DataLoss
 from lorafleet.registry.testing import write_adapter
-from registry_harness import blob_files
 
 WEIGHTS = "adapter_model.safetensors"
 

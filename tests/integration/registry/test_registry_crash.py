@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from registry_harness import SPEC
+
 from lorafleet.api.registry.v1 import registry_pb2 as pb
 from lorafleet.client.registry import AsyncRegistryClient, digest_directory
 from lorafleet.core.errors import LorafleetError
 from lorafleet.registry.testing import layers_for_bytes, write_adapter
-from registry_harness import SPEC
 
 SERVICES_DIR = Path(__file__).resolve().parents[3] / "services"
 CHUNK = 64 * 1024

@@ -10,12 +10,13 @@ import struct
 from pathlib import Path
 
 import pytest
+from registry_harness import SPEC, blob_files, make_settings, staging_files, start_registry
+
 from lorafleet.api.common.v1 import adapter_pb2
 from lorafleet.api.registry.v1 import registry_pb2 as pb
 from lorafleet.client.registry import digest_directory, manifest_sha256
 from lorafleet.core.errors import DataLoss, InvalidArgument, ResourceExhausted
 from lorafleet.registry.testing import adapter_config, write_adapter
-from registry_harness import SPEC, blob_files, make_settings, staging_files, start_registry
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from registry_harness import SPEC, make_settings, start_registry
+
 from lorafleet.core.errors import DataLoss
 from lorafleet.registry.testing import write_adapter
-from registry_harness import SPEC, make_settings, start_registry
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")

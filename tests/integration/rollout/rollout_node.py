@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
 from lorafleet.client.registry import RegistryClient
 from lorafleet.client.rollout import RolloutClient
 from lorafleet.cluster.local import LocalCluster, ServiceSpec

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+
 from lorafleet.api.common.v1 import adapter_pb2, sampling_pb2
 from lorafleet.client.rollout import AsyncRolloutClient, RolloutClient
 from lorafleet.core.config import ServiceSettings

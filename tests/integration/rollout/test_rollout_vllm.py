@@ -21,6 +21,8 @@ pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from rollout_node import MAX_CPU_LORAS, Node, start_node, stop_node  # noqa: E402
+
 from lorafleet.client.rollout import AsyncRolloutClient  # noqa: E402
 from lorafleet.core.errors import (  # noqa: E402
     FailedPrecondition,
@@ -29,7 +31,6 @@ from lorafleet.core.errors import (  # noqa: E402
     Unavailable,
 )
 from lorafleet.rollout.testing import write_peft_adapter  # noqa: E402
-from rollout_node import MAX_CPU_LORAS, Node, start_node, stop_node  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(600)]
 

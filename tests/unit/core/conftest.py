@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import structlog
 from core_echo import EchoBehaviour, echo_binding
+
 from lorafleet.core.config import ServiceSettings
 from lorafleet.core.server import create_server, start_server
 

@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 import structlog
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
 from lorafleet.core import errors
 from lorafleet.core.idempotency import InMemoryIdempotencyStore, fingerprint_of, once
 from lorafleet.core.server import ServiceBinding

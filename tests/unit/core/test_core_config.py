@@ -3,9 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lorafleet.core.config import ConfigError, ServiceSettings, load_settings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
+from lorafleet.core.config import ConfigError, ServiceSettings, load_settings
 
 
 class ExampleSettings(ServiceSettings):

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 from core_echo import EchoRequest
 from google.protobuf import wrappers_pb2
+
 from lorafleet.core import errors
 from lorafleet.core.idempotency import (
     InMemoryIdempotencyStore,

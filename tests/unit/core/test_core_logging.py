@@ -4,6 +4,7 @@ import json
 import logging
 
 import structlog
+
 from lorafleet.core.logging import configure_logging
 
 log = structlog.get_logger("lorafleet.tests.logging")

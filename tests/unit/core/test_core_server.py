@@ -13,10 +13,11 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+from structlog.testing import capture_logs
+
 from lorafleet.core import errors
 from lorafleet.core.channel import make_channel, make_sync_channel, wait_for_serving
 from lorafleet.core.errors import error_from_rpc
-from structlog.testing import capture_logs
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

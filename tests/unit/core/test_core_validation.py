@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lorafleet.core.errors import InvalidArgument
 from lorafleet.core.validation import (
     ADAPTER_VERSION_NAME,

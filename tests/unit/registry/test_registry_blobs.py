@@ -6,6 +6,7 @@ import hashlib
 import io
 
 import pytest
+
 from lorafleet.core.errors import DataLoss, NotFound
 from lorafleet.registry.blobs import LocalBlobStore, version_prefix
 

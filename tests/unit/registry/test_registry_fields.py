@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+
 from lorafleet.api.common.v1 import adapter_pb2
 from lorafleet.client.registry import manifest_sha256 as client_manifest
 from lorafleet.client.registry import parse_selector

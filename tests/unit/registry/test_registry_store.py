@@ -6,6 +6,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
+
 from lorafleet.core.errors import Aborted
 from lorafleet.registry.store.sql import SqlMetadataStore
 from lorafleet.registry.types import Adapter, FileDigest, LoraSpec

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from lorafleet.core.errors import InvalidArgument, NotFound
 from lorafleet.registry.uris import FileRoots
 

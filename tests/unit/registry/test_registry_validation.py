@@ -8,6 +8,8 @@ import struct
 
 import numpy as np
 import pytest
+from safetensors.numpy import save
+
 from lorafleet.core.errors import InvalidArgument, ResourceExhausted
 from lorafleet.registry.testing import adapter_config, lora_tensors
 from lorafleet.registry.types import LoraSpec
@@ -17,7 +19,6 @@ from lorafleet.registry.validation import (
     check_lora_tensors,
     read_safetensors_header,
 )
-from safetensors.numpy import save
 
 LIMITS = Limits(max_header_bytes=1 << 16, max_tensors=64, max_config_bytes=1 << 16)
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))

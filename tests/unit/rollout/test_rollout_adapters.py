@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from lorafleet.core.errors import (
     DataLoss,
     FailedPrecondition,

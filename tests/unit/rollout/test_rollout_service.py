@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+
 from lorafleet.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from lorafleet.rollout.adapters import AdapterManager
 from lorafleet.rollout.resolvers import InMemoryResolver

@@ -42,8 +42,10 @@ def test_defaults_are_filled_and_input_is_not_mutated():
         (lambda s: s.__setattr__("base_model", ""), "BASE_MODEL_REQUIRED"),
         (lambda s: s.lora.__setattr__("rank", -2), "INVALID_RANK"),
         (lambda s: s.algorithm.__setattr__("max_staleness", 99), "INVALID_MAX_STALENESS"),
-        (lambda s: s.environment.remote.__setattr__("address", "nohost"),
-         "INVALID_ENVIRONMENT_ADDRESS"),
+        (
+            lambda s: s.environment.remote.__setattr__("address", "nohost"),
+            "INVALID_ENVIRONMENT_ADDRESS",
+        ),
         (lambda s: s.environment.builtin.params.update({"max_len": "x"}), "INVALID_TASK_PARAMS"),
     ],
 )
