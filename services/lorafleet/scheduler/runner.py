@@ -72,6 +72,27 @@ class Rollout:
     tokens: int
 
 
+def sequence_mean_weights(samples: list[trainer_pb2.TrainSample]) -> None:
+    """Rescale advantages so the trainer's token-mean loss weighs every sample
+    equally (GRPO's sequence-mean of token-means).
+
+    The trainer averages the loss over all completion tokens of a request, so a
+    long completion counts as many samples. Wrong answers tend to be the long
+    ones (they do not stop), so under a token mean the negative advantages
+    outweigh the positive ones and the update mostly pushes probability away
+    from sampled text, raising entropy instead of sharpening correct answers.
+    Scaling sample i by mean_len / len_i makes the token mean equal the mean
+    over samples of each sample's own token mean; a positive factor leaves the
+    PPO clipping decisions unchanged.
+    """
+    lengths = [len(s.sequence.token_ids) - s.sequence.prompt_length for s in samples]
+    if not lengths:
+        return
+    mean_len = sum(lengths) / len(lengths)
+    for sample, length in zip(samples, lengths, strict=True):
+        sample.advantage *= mean_len / max(length, 1)
+
+
 class StopRun(Exception):
     """Raised inside the loop when the experiment should stop at a step boundary."""
 
@@ -361,6 +382,7 @@ class ExperimentRunner:
                 sample.sequence.prompt_length = len(prompt_ids)
                 samples.append(sample)
                 tokens += len(completion.token_ids)
+        sequence_mean_weights(samples)
         return Rollout(
             step=step,
             policy_version=response.adapter_version or version,

@@ -99,3 +99,24 @@ async def test_weights_divide_service_in_proportion():
     await asyncio.gather(*tasks)
     ratio = served["heavy"] / max(served["light"], 1)
     assert 2.0 < ratio < 4.5, served
+
+
+def test_sequence_mean_weights_make_token_mean_a_sample_mean():
+    from lorafleet.api.trainer.v1 import trainer_pb2
+    from lorafleet.scheduler.runner import sequence_mean_weights
+
+    def sample(completion_len, advantage):
+        s = trainer_pb2.TrainSample(advantage=advantage)
+        s.sequence.token_ids.extend([1, 2, 3] + [7] * completion_len)
+        s.sequence.prompt_length = 3
+        return s
+
+    # A short right answer and a long wrong one: zero-sum advantages.
+    samples = [sample(2, 1.0), sample(10, -1.0)]
+    sequence_mean_weights(samples)
+    lengths = [2, 10]
+    token_mean = sum(s.advantage * n for s, n in zip(samples, lengths, strict=True)) / sum(
+        lengths
+    )
+    assert token_mean == pytest.approx(0.0, abs=1e-6)  # = mean of per-sample advantages
+    assert samples[0].advantage > 0 > samples[1].advantage
