@@ -75,6 +75,12 @@ class NodeSettings(ServiceSettings):
     fuse_max_batch_tokens: int = Field(
         default=65536, ge=1, description="Padded tokens of one fused forward/backward."
     )
+    state_keep_last: int = Field(
+        default=3,
+        ge=0,
+        description="SaveState checkpoints kept per adapter (the newest steps); older ones "
+        "are deleted when a new one is written. 0 keeps every checkpoint.",
+    )
     max_state_bytes: int = Field(
         default=4 * 1024**3, gt=0, description="Largest state checkpoint LoadState reads."
     )
