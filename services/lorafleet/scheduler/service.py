@@ -442,11 +442,13 @@ class Scheduler:
             # The node may be going away; retry from the last completed step
             # (on this node or, once it is marked lost, another one).
             log.warning("node_call_failed", experiment=experiment_id, reason=exc.reason)
+            reason = f"node {node.node_id} call failed ({exc.reason}); retrying"
             if not await node.alive():
                 # Let the supervisor's next tick declare the node lost instead of
                 # placing the experiment right back onto it.
                 node.record.last_heartbeat = 0.0
-            outcome = (pb.EXPERIMENT_STATE_QUEUED, f"node call failed: {exc.message}")
+                reason = f"node {node.node_id} lost ({exc.reason}); moving to another node"
+            outcome = (pb.EXPERIMENT_STATE_QUEUED, reason)
         except LorafleetError as exc:
             log.error("experiment_failed", experiment=experiment_id, reason=exc.reason)
             outcome = (pb.EXPERIMENT_STATE_FAILED, f"{exc.reason}: {exc.message}")

