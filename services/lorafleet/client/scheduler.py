@@ -34,6 +34,7 @@ def builtin_spec(
     weight: float = 1.0,
     seed: int = 0,
     display_name: str = "",
+    exact_match_reward: bool = False,
 ) -> pb.ExperimentSpec:
     """An ExperimentSpec for a built-in task; zero values mean the scheduler's defaults."""
     spec = pb.ExperimentSpec(
@@ -55,6 +56,7 @@ def builtin_spec(
     algo.max_staleness = max_staleness
     algo.eval_every = eval_every
     algo.eval_prompts = eval_prompts
+    algo.exact_match_reward = exact_match_reward
     return spec
 
 

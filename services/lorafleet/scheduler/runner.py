@@ -364,7 +364,10 @@ class ExperimentRunner:
         ]
         scores = await self.env.score(items)
         reward_ms = (time.monotonic() - started) * 1000
-        rewards = [s.reward for s in scores]
+        if self.algo.exact_match_reward:
+            rewards = [1.0 if s.correct else 0.0 for s in scores]
+        else:
+            rewards = [s.reward for s in scores]
         samples: list[trainer_pb2.TrainSample] = []
         tokens = 0
         for p_index, result in enumerate(response.results):
