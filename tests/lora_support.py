@@ -1,0 +1,47 @@
+"""Shared fixtures of the lorafleet.lora tests (their conftest.py files import them):
+a small random Llama saved as an HF directory.
+
+Session-scoped: writing the model takes a moment and every test only reads it
+(each test loads its own copy, so no test sees another's adapters).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=128,
+    )
+    torch.manual_seed(1234)
+    model = transformers.LlamaForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("lora_llama")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for these tests: on a shared 2-core machine two OpenMP
+    threads that keep losing their core to other processes made steps 10-20x
+    slower (barrier waits); one thread is steady. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def llama(llama_dir: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(llama_dir),
+                                                             dtype=torch.float32)
