@@ -147,7 +147,9 @@ def remote_environment():
 
 def test_remote_environment_drives_rising_reward(scheduler, remote_environment):
     address, servicer = remote_environment
-    spec = builtin_spec("count", max_steps=20)
+    # lr 3e-3 (not the 1e-3 default): this easy remote task shows its rise in
+    # 20 steps at 3e-3; the default is tuned for not hurting the harder tasks.
+    spec = builtin_spec("count", max_steps=20, learning_rate=3e-3)
     spec.environment.Clear()
     spec.environment.remote.address = address
     spec.environment.remote.task = "parity"
