@@ -65,6 +65,15 @@ def _env_prefix(service: str) -> str:
     return f"LORAFLEET_{service.upper()}_"
 
 
+def service_argv(service: str, python: str = "python") -> list[str]:
+    """The command line that runs one lorafleet service: ``python -m lorafleet.<service>``.
+
+    The one definition shared by local processes, the container images and the
+    compose/Kubernetes manifests (tests compare those with it), so a service
+    runs the same way everywhere."""
+    return [python, "-m", f"lorafleet.{service}"]
+
+
 def read_bound_port(log_path: Path) -> int | None:
     """The port from the first `server_started` JSON log line, if logged yet."""
     try:
@@ -118,7 +127,7 @@ class LocalCluster:
         }
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [self.python, "-m", f"lorafleet.{spec.service}"],
+                service_argv(spec.service, self.python),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
