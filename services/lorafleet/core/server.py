@@ -8,7 +8,9 @@ in the order that loses no work:
    stop sending new work here;
 2. ``server.stop(grace)``: no new RPCs, in-flight ones get ``grace_period_s``;
 3. ``on_shutdown``: close what the servicers used (DB pools, engines) only once
-   no handler can touch them any more.
+   no handler can touch them any more;
+4. the Prometheus endpoint (when ``metrics_port`` is set) last, so the drain
+   itself can still be scraped.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lorafleet.core.config import ServiceSettings
 from lorafleet.core.interceptor import ErrorInterceptor
+from lorafleet.core.metrics import start_metrics_endpoint
 
 log = structlog.get_logger(__name__)
 
@@ -121,11 +124,18 @@ async def serve(
 
     Logs ``server_started`` with ``host`` and the bound ``port`` (launchers and
     tests read the port from that line when ``settings.port`` is 0), then calls
-    ``ready(port)``. A second signal during shutdown is logged and otherwise
+    ``ready(port)``. With ``settings.metrics_port`` set, the Prometheus endpoint
+    starts before the server and logs ``metrics_started`` with its own bound
+    ``port``. A second signal during shutdown is logged and otherwise
     ignored: the grace period already bounds how long stopping takes.
     """
     loop = asyncio.get_running_loop()
     server, port, health = await create_server(settings.address, services, settings=settings)
+    try:
+        metrics = start_metrics_endpoint(settings)
+    except OSError:
+        await server.stop(grace=None)
+        raise
     stop_requested = asyncio.Event()
     signals_seen: list[str] = []
 
@@ -166,6 +176,8 @@ async def serve(
             # Cancelled or failed before a graceful stop: do not leave the port
             # bound and handlers running behind the caller's back.
             await server.stop(grace=None)
+        if metrics is not None:
+            metrics.close()
     log.info("server_stopped", port=port)
     return 0
 

@@ -13,6 +13,11 @@ Order per adapter is kept: a request is never overtaken by a later request of
 the same adapter. TrainStep and OptimStep requests of one adapter never share a
 batch (the second must see the first's update); ForwardBackward requests of one
 adapter may (gradients accumulate either way).
+
+Each engine call is reported to an optional ``on_batch`` observer as a
+:class:`FusedBatch` (the trainer turns it into Prometheus metrics); the queue
+itself knows nothing of metrics, so the torch reference engine and tests use it
+bare.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import structlog
 
 from lorafleet.core.errors import Unavailable
 from lorafleet.lora.types import (
@@ -34,6 +41,8 @@ from lorafleet.lora.types import (
     TrainRequest,
     TrainStepResult,
 )
+
+log = structlog.get_logger(__name__)
 
 
 class FusableEngine(Protocol):
@@ -66,11 +75,31 @@ class _Item:
     arrived: float = field(default_factory=time.monotonic)
 
 
+@dataclass(frozen=True)
+class FusedBatch:
+    """What one engine call of the queue did, as reported to ``on_batch``."""
+
+    kind: str
+    """forward_backward, train_step, logprobs or optim_step."""
+    requests: int
+    adapters: int
+    """Distinct adapters in the call (None, the base model, counts as one)."""
+    tokens: int
+    """Tokens (prompt + completion) of the requests that succeeded."""
+    failed: int
+    """Requests that got an error (their own, or the whole call's)."""
+    wait_s: float
+    """How long the oldest request waited in the queue before the call began."""
+    seconds: float
+    """Wall time of the engine call."""
+
+
 class FusingQueue:
     """Batches concurrent engine calls into fused passes; one worker, FIFO per adapter."""
 
     def __init__(self, engine: FusableEngine, *, max_wait_ms: float = 5.0,
-                 max_batch_tokens: int = 65536) -> None:
+                 max_batch_tokens: int = 65536,
+                 on_batch: Callable[[FusedBatch], None] | None = None) -> None:
         if max_wait_ms < 0 or max_batch_tokens < 1:
             raise ValueError("max_wait_ms must be >= 0 and max_batch_tokens >= 1")
         self.engine = engine
@@ -83,6 +112,7 @@ class FusingQueue:
         self.batches_run = 0
         """Engine calls made so far (for tests and metrics)."""
         self.last_batch_sizes: list[int] = []
+        self.on_batch = on_batch
 
     # --- public API ---------------------------------------------------------------
 
@@ -184,6 +214,7 @@ class FusingQueue:
         self.batches_run += 1
         self.last_batch_sizes.append(len(batch))
         del self.last_batch_sizes[:-64]
+        started = time.monotonic()
         try:
             if kind == _FB:
                 results = await asyncio.to_thread(self.engine.forward_backward, payloads)
@@ -197,6 +228,7 @@ class FusingQueue:
             for it in batch:
                 if not it.future.done():
                     it.future.set_exception(e)
+            self._report(batch, started, [e] * len(batch))
             if isinstance(e, asyncio.CancelledError):
                 raise
             return
@@ -207,6 +239,26 @@ class FusingQueue:
                 it.future.set_exception(res)
             else:
                 it.future.set_result(res)
+        self._report(batch, started, results)
+
+    def _report(self, batch: list[_Item], started: float, results: Sequence[Any]) -> None:
+        if self.on_batch is None:
+            return
+        failed = [isinstance(r, RequestError | BaseException) for r in results]
+        report = FusedBatch(
+            kind=batch[0].kind,
+            requests=len(batch),
+            adapters=len({it.adapter for it in batch}),
+            tokens=sum(getattr(it.payload, "num_tokens", 0)
+                       for it, bad in zip(batch, failed, strict=True) if not bad),
+            failed=sum(failed),
+            wait_s=started - min(it.arrived for it in batch),
+            seconds=time.monotonic() - started,
+        )
+        try:
+            self.on_batch(report)
+        except Exception:  # noqa: BLE001 - an observer's bug must not fail training
+            log.exception("fused_batch_observer_failed", kind=report.kind)
 
 
 def _optim_steps(engine: FusableEngine, payloads: list[tuple[str, float | None]]

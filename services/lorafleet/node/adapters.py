@@ -37,6 +37,7 @@ import structlog
 
 from lorafleet.core.errors import FailedPrecondition, LorafleetError, Unavailable
 from lorafleet.node.memory import SOURCE, MemoryVersions, is_memory_uri
+from lorafleet.rollout import metrics as rollout_metrics
 from lorafleet.rollout.adapters import AdapterManager
 from lorafleet.rollout.types import (
     LATEST,
@@ -255,6 +256,9 @@ class NodeAdapterManager:
         load_s = time.perf_counter() - started
         self._loaded[ref.key] = _Entry(adapter, load_s * 1000, next(self._tick))
         self.memory_loads += 1
+        # The rollout service's own histogram, so one dashboard panel covers
+        # file, download and memory loads alike.
+        rollout_metrics.ADAPTER_LOAD_SECONDS.labels(SOURCE, trigger).observe(load_s)
         log.info(
             "adapter_loaded",
             adapter=ref.adapter_id,

@@ -23,6 +23,7 @@ import structlog
 
 from lorafleet.core.app import ServiceApp
 from lorafleet.core.idempotency import InMemoryIdempotencyStore
+from lorafleet.node import metrics as node_metrics
 from lorafleet.node.adapters import NodeAdapterManager
 from lorafleet.node.config import NodeSettings
 from lorafleet.node.memory import MemoryVersions
@@ -32,6 +33,7 @@ from lorafleet.rollout.server import RolloutServicer
 from lorafleet.rollout.server import servicer_binding as rollout_binding
 from lorafleet.rollout.service import RolloutService
 from lorafleet.trainer import app as trainer_app
+from lorafleet.trainer.servicer import process_memory_bytes
 from lorafleet.trainer.servicer import servicer_binding as trainer_binding
 
 log = structlog.get_logger(__name__)
@@ -122,8 +124,10 @@ async def build_runtime(settings: NodeSettings) -> NodeRuntime:
         """A version the registry accepted: serve it from memory from now on."""
         version = memory.publish(ref_from_pb(ref_pb))
         if version is not None:
+            node_metrics.MEMORY_HANDOVERS.inc()
             adapters.preload(version.ref)
 
+    node_metrics.track(memory, adapters, process_memory_bytes)
     trainer_servicer = NodeTrainerServicer(trainer.servicer, hand_over)
     rollout_servicer = RolloutServicer(rollout, InMemoryIdempotencyStore())
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 
 import structlog
 
 from lorafleet.core.errors import LorafleetError, Unavailable
+from lorafleet.registry import metrics as registry_metrics
 from lorafleet.registry.blobs import BlobStore, sha256_of, version_prefix
 from lorafleet.registry.store.sql import SqlMetadataStore
 from lorafleet.registry.types import FileDigest, Version
@@ -89,9 +91,13 @@ class DurableCopier:
         while True:
             job, attempt = await self._queue.get()
             try:
+                started = time.perf_counter()
                 await self._copy(job)
+                registry_metrics.DURABLE_COPIES.labels("ok").inc()
+                registry_metrics.DURABLE_COPY_SECONDS.observe(time.perf_counter() - started)
             except (Unavailable, OSError) as exc:
                 if attempt >= self._max_attempts:
+                    registry_metrics.DURABLE_COPIES.labels("failed").inc()
                     log.error(
                         "durable_copy_gave_up",
                         adapter_id=job.adapter_id,
@@ -101,6 +107,7 @@ class DurableCopier:
                     )
                 else:
                     delay = _BACKOFF_S[min(attempt - 1, len(_BACKOFF_S) - 1)]
+                    registry_metrics.DURABLE_COPIES.labels("retry").inc()
                     log.warning(
                         "durable_copy_retry",
                         adapter_id=job.adapter_id,
@@ -112,6 +119,7 @@ class DurableCopier:
                     self._schedule_retry(job, attempt + 1, delay)
             except LorafleetError as exc:
                 # Source gone or no longer matching its digest: retrying cannot help.
+                registry_metrics.DURABLE_COPIES.labels("failed").inc()
                 log.error(
                     "durable_copy_failed",
                     adapter_id=job.adapter_id,
@@ -120,6 +128,7 @@ class DurableCopier:
                     error=exc.message,
                 )
             except Exception:
+                registry_metrics.DURABLE_COPIES.labels("failed").inc()
                 log.exception(
                     "durable_copy_crashed", adapter_id=job.adapter_id, version=job.version
                 )
@@ -155,6 +164,7 @@ class DurableCopier:
                 )
         uri = self._blobs.uri_for(prefix)
         if await self._store.add_durable_uri(job.adapter_id, job.version, job.attempt_id, uri):
+            registry_metrics.DURABLE_COPY_BYTES.inc(sum(f.size_bytes for f in job.files))
             log.info("durable_copy_done", adapter_id=job.adapter_id, version=job.version, uri=uri)
         else:
             # Deleted while we copied: do not leave bytes behind for it.

@@ -25,6 +25,7 @@ import structlog
 
 from lorafleet.core.errors import DataLoss, LorafleetError, NotFound
 from lorafleet.registry import fields
+from lorafleet.registry import metrics as registry_metrics
 from lorafleet.registry.blobs import BlobStore, sha256_of, version_prefix
 from lorafleet.registry.copier import DurableCopier
 from lorafleet.registry.publish import Chunk, Publisher, UploadHeader
@@ -198,18 +199,21 @@ class AdapterRegistry:
         request_id: str,
         record: IdempotencyRecord | None = None,
     ) -> Version:
-        fields.adapter_id(adapter_id)
-        return await self.publisher.publish_by_reference(
-            adapter_id,
-            expected_parent_version=fields.parent_version(expected_parent_version),
-            uri=uri,
-            sha256=sha256,
-            files=files,
-            training_step=training_step,
-            metrics=fields.metrics(metrics),
-            request_id=request_id,
-            record=record,
-        )
+        with registry_metrics.publish_attempt("reference") as attempt:
+            fields.adapter_id(adapter_id)
+            version = await self.publisher.publish_by_reference(
+                adapter_id,
+                expected_parent_version=fields.parent_version(expected_parent_version),
+                uri=uri,
+                sha256=sha256,
+                files=files,
+                training_step=training_step,
+                metrics=fields.metrics(metrics),
+                request_id=request_id,
+                record=record,
+            )
+            attempt.stored(version.size_bytes)
+        return version
 
     async def upload(
         self,
@@ -217,10 +221,13 @@ class AdapterRegistry:
         chunks: AsyncIterator[Chunk],
         record: IdempotencyRecord | None = None,
     ) -> Version:
-        fields.adapter_id(header.adapter_id)
-        fields.parent_version(header.expected_parent_version)
-        fields.metrics(header.metrics)
-        return await self.publisher.upload(header, chunks, record=record)
+        with registry_metrics.publish_attempt("upload") as attempt:
+            fields.adapter_id(header.adapter_id)
+            fields.parent_version(header.expected_parent_version)
+            fields.metrics(header.metrics)
+            version = await self.publisher.upload(header, chunks, record=record)
+            attempt.stored(version.size_bytes)
+        return version
 
     # -- reading --------------------------------------------------------------
 
@@ -250,11 +257,12 @@ class AdapterRegistry:
         """The READY version a selector names, its adapter, and the URI to use:
         a file:// on ``node_id`` if it has one there, else the durable copy,
         else wherever it was published from."""
-        fields.adapter_id(adapter_id)
-        if version < 0:
-            fields.version_number(version)
-        found = await self._store.resolve(adapter_id, version=version, alias=alias)
-        adapter = await self._store.get_adapter(adapter_id)
+        with registry_metrics.resolving(version, alias):
+            fields.adapter_id(adapter_id)
+            if version < 0:
+                fields.version_number(version)
+            found = await self._store.resolve(adapter_id, version=version, alias=alias)
+            adapter = await self._store.get_adapter(adapter_id)
         return found, adapter, self.choose_uri(found, node_id)
 
     def choose_uri(self, version: Version, node_id: str = "") -> str:
@@ -359,18 +367,22 @@ class AdapterRegistry:
             cursors = await self._store.latest_versions(wanted)
             default = 0  # adapters created after the call: every version is new
         adapters: dict[str, Adapter] = {}
-        while True:
-            event = self._events.current()
-            found, cursors = await self._store.ready_versions_after(cursors, wanted, default)
-            for version in found:
-                adapter = adapters.get(version.adapter_id)
-                if adapter is None:
-                    adapter = adapters[version.adapter_id] = await self._store.get_adapter(
-                        version.adapter_id
-                    )
-                yield version, adapter
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), self._watch_poll_interval_s)
+        registry_metrics.WATCH_STREAMS.inc()
+        try:
+            while True:
+                event = self._events.current()
+                found, cursors = await self._store.ready_versions_after(cursors, wanted, default)
+                for version in found:
+                    adapter = adapters.get(version.adapter_id)
+                    if adapter is None:
+                        adapter = adapters[version.adapter_id] = await self._store.get_adapter(
+                            version.adapter_id
+                        )
+                    yield version, adapter
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), self._watch_poll_interval_s)
+        finally:
+            registry_metrics.WATCH_STREAMS.dec()
 
     # -- deletion, aliases, retention ------------------------------------------
 
@@ -405,6 +417,7 @@ class AdapterRegistry:
         for version in doomed:
             await self._delete_blobs(version)
         if doomed:
+            registry_metrics.VERSIONS_RETIRED.inc(len(doomed))
             log.info(
                 "versions_retired",
                 adapter_id=adapter_id,

@@ -34,12 +34,18 @@ from lorafleet.environment.structs import struct_to_dict
 from lorafleet.scheduler.config import SchedulerSettings
 from lorafleet.scheduler.environments import EnvironmentFailed, open_environment
 from lorafleet.scheduler.events import EventHub
+from lorafleet.scheduler.metrics import SchedulerMetrics
 from lorafleet.scheduler.nodes import NodeHandle, NodeRpc
 from lorafleet.scheduler.placement import NodeCapacity, choose_node
 from lorafleet.scheduler.runner import ExperimentRunner, RunnerSettings, StopRun
 from lorafleet.scheduler.spec import normalise_spec
 from lorafleet.scheduler.store import SchedulerStore
-from lorafleet.scheduler.types import TERMINAL_STATES, ExperimentRecord, NodeRecord
+from lorafleet.scheduler.types import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    ExperimentRecord,
+    NodeRecord,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +68,7 @@ class Scheduler:
         self.settings = settings
         self.hub = EventHub()
         self.nodes: dict[str, NodeHandle] = {}
+        self.metrics = SchedulerMetrics(lambda: self.nodes.values())
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop_requests: dict[str, int] = {}
         self._queued_since: dict[str, float] = {}
@@ -94,6 +101,7 @@ class Scheduler:
             )
         for record in await self.store.list_nodes():
             self._connect(record)
+        await self._count_active_experiments()
         for rec in await self.store.list_experiments(
             [pb.EXPERIMENT_STATE_RUNNING, pb.EXPERIMENT_STATE_QUEUED]
         ):
@@ -104,7 +112,17 @@ class Scheduler:
         self._supervisor = asyncio.create_task(self._supervise(), name="scheduler-supervisor")
         log.info("scheduler_started", nodes=len(self.nodes))
 
+    async def _count_active_experiments(self) -> None:
+        """Seed the experiments-by-state metric from the store (state changes
+        after this are counted as they happen)."""
+        after = ""
+        while batch := await self.store.list_experiments(ACTIVE_STATES, after_id=after):
+            for rec in batch:
+                self.metrics.experiment_state(rec.experiment_id, rec.state)
+            after = batch[-1].experiment_id
+
     async def close(self) -> None:
+        self.metrics.close()
         if self._supervisor:
             self._supervisor.cancel()
         tasks = list(self._tasks.values())
@@ -398,6 +416,7 @@ class Scheduler:
         experiment_id = rec.experiment_id
         waited = time.monotonic() - self._queued_since.pop(experiment_id, time.monotonic())
         rec.queue_wait_ms += waited * 1000
+        self.metrics.placed(waited)
         if rec.start_time is None:
             rec.start_time = time.time()
         await self.store.update_experiment(
@@ -496,6 +515,7 @@ class Scheduler:
 
     def _on_step(self, experiment_id: str, metrics: metrics_pb2.StepMetrics) -> None:
         self.hub.publish(experiment_id, pb.WatchExperimentResponse(step=metrics))
+        self.metrics.step(experiment_id, metrics)
 
     async def _set_state(
         self, rec: ExperimentRecord, state: int, reason: str, **fields: object
@@ -515,6 +535,7 @@ class Scheduler:
         )
         await self.store.add_event(rec.experiment_id, event)
         self.hub.publish(rec.experiment_id, pb.WatchExperimentResponse(lifecycle=event))
+        self.metrics.experiment_state(rec.experiment_id, state)
         log.info(
             "experiment_state_changed",
             experiment=rec.experiment_id,

@@ -20,6 +20,7 @@ from lorafleet.client.registry import AsyncRegistryClient
 from lorafleet.core.app import ServiceApp
 from lorafleet.core.config import ConfigError
 from lorafleet.core.idempotency import InMemoryIdempotencyStore
+from lorafleet.trainer import metrics as trainer_metrics
 from lorafleet.trainer.config import TrainerSettings
 from lorafleet.trainer.servicer import TrainerServicer, servicer_binding
 from lorafleet.trainer.storage import AdapterCache, StateStore
@@ -81,7 +82,9 @@ async def build_runtime(settings: TrainerSettings) -> TrainerRuntime:
         engine,
         max_wait_ms=settings.fuse_max_wait_ms,
         max_batch_tokens=settings.fuse_max_batch_tokens,
+        on_batch=trainer_metrics.observe_fused_batch,
     )
+    trainer_metrics.track_engine(engine)
     cache = AdapterCache(settings.cache_path)
     cache.root.mkdir(parents=True, exist_ok=True)
     states = StateStore(

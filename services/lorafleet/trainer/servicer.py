@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
@@ -55,6 +56,7 @@ from lorafleet.lora.peft_io import file_digests
 from lorafleet.lora.spec import LoraSpec
 from lorafleet.lora.types import LogprobRequest, OptimizerConfig, RequestError
 from lorafleet.trainer import convert
+from lorafleet.trainer import metrics as trainer_metrics
 from lorafleet.trainer.storage import AdapterCache, StateStore, check_id, local_path
 
 log = structlog.get_logger(__name__)
@@ -335,7 +337,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 )
             lock = self._publish_locks.setdefault(registry_id, asyncio.Lock())
             async with lock:
+                # Timed inside the lock: waiting for an earlier save is not this one's cost.
+                started = time.perf_counter()
                 ref = await self._save_version(request, registry_id)
+                trainer_metrics.observe_checkpoint(
+                    "save_version", time.perf_counter() - started, ref.size_bytes
+                )
             return pb.SaveVersionResponse(ref=ref)
 
         return await self._once("SaveVersion", request, run, pb.SaveVersionResponse)
@@ -452,9 +459,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def SaveState(self, request: pb.SaveStateRequest, context: Any) -> pb.SaveStateResponse:
         async def run() -> pb.SaveStateResponse:
             name = check_id(request.adapter_id, "adapter_id")
+            started = time.perf_counter()
             data = await asyncio.to_thread(self.engine.save_state, name)
             step = int(state_metadata(data)["step"])
             saved = await asyncio.to_thread(self.states.write, name, step, data)
+            trainer_metrics.observe_checkpoint(
+                "save_state", time.perf_counter() - started, saved.size_bytes
+            )
             log.info(
                 "state_saved", adapter=name, step=step, uri=saved.uri, size_bytes=saved.size_bytes
             )
@@ -473,8 +484,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     reason="SHA256_REQUIRED",
                     metadata={"field": "sha256"},
                 )
+            started = time.perf_counter()
             data = await asyncio.to_thread(self.states.read, request.uri, request.sha256)
             info = await asyncio.to_thread(self._load_state, name, data)
+            trainer_metrics.observe_checkpoint("load_state", time.perf_counter() - started)
             log.info("state_loaded", adapter=name, step=info.step, uri=request.uri)
             return pb.LoadStateResponse(adapter=convert.adapter_info_to_pb(info))
 
