@@ -115,16 +115,8 @@ def demo_command(run_dir: Path | None, steps: int, tasks: str) -> None:
     writes a reward-curve PNG per experiment, stops the cluster, and exits 1 if
     any experiment failed to improve.
     """
-    from rich.live import Live
-
     from lorafleet.client.scheduler import SchedulerClient, builtin_spec
-    from lorafleet.cluster.progress import (
-        all_finished,
-        collect,
-        final_table,
-        live_table,
-        plot_reward_curves,
-    )
+    from lorafleet.cluster.progress import collect, final_table, follow_live, plot_reward_curves
     from lorafleet.models.cache import ensure_tiny_model
 
     configure_logging("console", "warning")
@@ -145,13 +137,7 @@ def demo_command(run_dir: Path | None, steps: int, tasks: str) -> None:
                 ).experiment_id
                 for index, task in enumerate(task_list)
             ]
-            with Live(console=console, refresh_per_second=2) as live:
-                while True:
-                    experiments = [scheduler.get(i) for i in ids]
-                    live.update(live_table(experiments, started))
-                    if all_finished(experiments):
-                        break
-                    time.sleep(0.5)
+            follow_live(scheduler, ids, console, started=started)
             wall_s = time.monotonic() - started
             results = collect(scheduler, ids)
         console.print(final_table(results, wall_s))

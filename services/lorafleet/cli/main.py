@@ -19,6 +19,7 @@ cli.add_command(serve_command)
 
 def _add_commands() -> None:
     from lorafleet.cli.adapters_cmd import adapters_group
+    from lorafleet.cli.bench_cmd import bench_group
     from lorafleet.cli.cluster_cmd import demo_command, up_command
     from lorafleet.cli.experiments_cmd import COMMANDS
     from lorafleet.cli.model_cmd import model_group
@@ -27,6 +28,7 @@ def _add_commands() -> None:
     cli.add_command(demo_command)
     cli.add_command(model_group)
     cli.add_command(adapters_group)
+    cli.add_command(bench_group)
     for command in COMMANDS:
         cli.add_command(command)
 

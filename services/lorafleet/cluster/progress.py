@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from lorafleet.api.common.v1 import metrics_pb2
@@ -50,9 +52,11 @@ class RunResult:
         return (e.end_time.ToNanoseconds() - e.start_time.ToNanoseconds()) / 1e9
 
 
-def live_table(experiments: list[pb.Experiment], started: float) -> Table:
+def live_table(
+    experiments: list[pb.Experiment], started: float, title: str = "lorafleet demo"
+) -> Table:
     elapsed = time.monotonic() - started
-    table = Table(title=f"lorafleet demo — {elapsed:5.0f} s")
+    table = Table(title=f"{title} — {elapsed:5.0f} s")
     for column in (
         "experiment",
         "task",
@@ -133,6 +137,30 @@ def collect(client: SchedulerClient, experiment_ids: list[str]) -> list[RunResul
 
 def all_finished(experiments: list[pb.Experiment]) -> bool:
     return all(e.state in TERMINAL_STATES for e in experiments)
+
+
+def follow_live(
+    client: SchedulerClient,
+    experiment_ids: list[str],
+    console: Console,
+    *,
+    started: float,
+    title: str = "lorafleet demo",
+    poll_s: float = 0.5,
+) -> list[pb.Experiment]:
+    """Show `live_table` of the experiments until all are finished; their final state.
+
+    Polls GetExperiment: a table refreshed twice a second needs no more, and
+    callers that time experiments read the scheduler's end timestamps, so the
+    poll interval never shows up in a measurement.
+    """
+    with Live(console=console, refresh_per_second=2) as live:
+        while True:
+            experiments = [client.get(i) for i in experiment_ids]
+            live.update(live_table(experiments, started, title))
+            if all_finished(experiments):
+                return experiments
+            time.sleep(poll_s)
 
 
 def plot_reward_curves(results: list[RunResult], out_dir: Path) -> list[Path]:

