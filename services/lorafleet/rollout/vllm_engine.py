@@ -71,6 +71,8 @@ log = structlog.get_logger(__name__)
 # vLLM sizes its LoRA kernels for one of these ranks; a node maximum in between
 # runs on the next one up (our own rank check still enforces the node maximum).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+CPU_DEFAULT_KV_CACHE_GIB = 0.5
+"""KV cache on CPU when no size is configured."""
 GIB = 1024**3
 
 UNSUPPORTED_TARGETS = frozenset({"lm_head", "embed_tokens"})
@@ -167,8 +169,15 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         kwargs: dict[str, Any] = {}
-        if self._kv_cache_gib is not None:
-            kwargs["kv_cache_memory_bytes"] = int(self._kv_cache_gib * GIB)
+        kv_cache_gib = self._kv_cache_gib
+        if kv_cache_gib is None and _on_cpu():
+            # vLLM-CPU sizes the cache as gpu_memory_utilization x the NUMA node's
+            # memory minus the worker's own footprint, which goes negative on small
+            # nodes (seen: 0.05 x 9.09 GiB - 0.62 GiB) and kills the start. A fixed
+            # size is predictable; the tiny model needs ~3 KiB per token.
+            kv_cache_gib = CPU_DEFAULT_KV_CACHE_GIB
+        if kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
         if self._max_num_seqs is not None:
             kwargs["max_num_seqs"] = self._max_num_seqs
         if _on_cpu():
