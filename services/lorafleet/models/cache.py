@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-TINY_MODEL_NAME = "tiny-v1"
+TINY_MODEL_NAME = "tiny-v2"
 """Cache key of the tiny model; bump it whenever the recipe changes the bytes."""
 
 CACHE_ENV = "LORAFLEET_CACHE_DIR"

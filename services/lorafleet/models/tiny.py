@@ -8,8 +8,10 @@ per task, and saves it with ``save_pretrained`` (``config.json``,
 ``generation_config.json``, ``model.safetensors``) next to the character tokenizer.
 The result loads through the same ``from_pretrained(path)`` code as any hub model.
 
-The recipe is tuned so the base model is weak but not hopeless on every task
-(greedy accuracy strictly between 2% and 60%): RL then has room to improve. It
+The recipe is tuned so the base model answers greedily with a planted classic
+mistake on most prompts while its samples often hold the right answer (see
+:mod:`lorafleet.models.mistakes`): weak greedy accuracy, a non-zero sampled
+policy, and room for RL to improve by a wide margin in tens of steps. It
 trains and evaluates on each task's default parameters, so changing a task default
 (or anything here) changes the model: bump ``cache.TINY_MODEL_NAME`` with it.
 
@@ -38,6 +40,7 @@ import torch
 from lorafleet.envs import STOP, Task, evaluate_accuracy, get_task
 from lorafleet.models.cache import BUILD_INFO_FILE
 from lorafleet.models.generate import greedy_generate
+from lorafleet.models.mistakes import planted_answer
 from lorafleet.models.tokenizer import BOS, EOS, PAD, build_vocab, save_tokenizer
 
 BUILD_FORMAT = 1
@@ -59,17 +62,21 @@ class TinyArch:
 class TrainRecipe:
     """Pre-training recipe; a fixed step count (not a stopping rule) keeps builds exact."""
 
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
     task_weights: Mapping[str, float] = field(
-        # Tuned so every task's base accuracy lands in (2%, 60%): sort is learnt fast,
-        # addition and copying of long strings slowly.
-        default_factory=lambda: {"add": 1.5, "copy": 1.2, "count": 1.0, "reverse": 1.0, "sort": 0.4}
+        # Tuned with the planted mistakes so GRPO lifts greedy accuracy by 0.3-0.7 on
+        # count, copy, reverse and sort within 30 steps (counting is learnt slowly,
+        # hence its larger share; addition stays weak).
+        default_factory=lambda: {"add": 1.0, "copy": 1.2, "count": 1.5, "reverse": 1.0, "sort": 1.2}
     )
     """Relative share of each task in the training mix (tunes per-task difficulty)."""
+    mistake_rate: float = 0.6
+    """Share of pre-training examples whose target is the task's planted classic
+    mistake instead of the right answer (see :mod:`lorafleet.models.mistakes`)."""
     num_threads: int = 1
     """torch threads during the build (the bytes depend on it). One thread: on a
     2-core machine shared with other work, two OpenMP threads ran 6x slower than
@@ -156,16 +163,21 @@ def _lr_at(step: int, recipe: TrainRecipe) -> float:
 
 
 def _training_batch(
-    rng: random.Random, tasks: dict[str, Task], weights: list[float], batch_size: int
+    rng: random.Random,
+    tasks: dict[str, Task],
+    weights: list[float],
+    batch_size: int,
+    mistake_rate: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     vocab = build_vocab()
     names = list(tasks)
     rows: list[tuple[list[int], list[int]]] = []
     for name in rng.choices(names, weights=weights, k=batch_size):
         prompt = tasks[name].sample(rng, 1)[0]
+        answer = planted_answer(prompt) if rng.random() < mistake_rate else prompt.answer
         # Same ids as the saved tokenizer: <s>, one id per character.
         prompt_ids = [vocab[BOS], *(vocab[c] for c in prompt.text)]
-        target_ids = [*(vocab[c] for c in prompt.answer + STOP), vocab[EOS]]
+        target_ids = [*(vocab[c] for c in answer + STOP), vocab[EOS]]
         rows.append((prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids))
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((batch_size, width), vocab[PAD], dtype=torch.long)
@@ -218,7 +230,9 @@ def build_tiny_model(
         for step in range(recipe.steps):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, recipe)
-            input_ids, labels = _training_batch(rng, tasks, weights, recipe.batch_size)
+            input_ids, labels = _training_batch(
+                rng, tasks, weights, recipe.batch_size, recipe.mistake_rate
+            )
             loss = model(input_ids=input_ids, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

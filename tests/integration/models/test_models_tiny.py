@@ -55,7 +55,10 @@ def test_files_config_and_recorded_accuracy(tiny_model_dir: Path) -> None:
     tasks = {"add", "copy", "count", "reverse", "sort"}
     assert set(info["base_accuracy"]) == tasks
     for name, acc in info["base_accuracy"].items():
-        assert 0.02 < acc < 0.60, (name, acc)
+        # A weak greedy policy (the planted mistakes win), leaving RL room to climb ...
+        assert acc < 0.35, (name, acc)
+        # ... but not a hopeless one: every task earns partial credit.
+        assert info["base_mean_reward"][name] > 0.02, (name, info["base_mean_reward"])
     assert 300_000 < info["num_parameters"] < 2_000_000
     import json
 

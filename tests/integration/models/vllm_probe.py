@@ -30,8 +30,9 @@ def main(model_dir: str, adapter_dir: str, out_path: str, prompts_path: str) -> 
         max_lora_rank=8,
         max_loras=2,
         max_model_len=128,
-        # vLLM-CPU reserves this fraction of the machine's memory for its KV cache.
-        gpu_memory_utilization=0.05,
+        # A fixed KV cache: vLLM-CPU's fractional sizing (gpu_memory_utilization x
+        # the NUMA node's memory, minus the worker's own) can come out negative.
+        kv_cache_memory_bytes=512 * 1024**2,
         enforce_eager=True,
         seed=0,
     )
