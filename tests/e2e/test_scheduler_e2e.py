@@ -26,7 +26,11 @@ from lorafleet.scheduler.types import TERMINAL_STATES
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-CONCURRENT_STEPS = 6
+# The step budget of the learning must-show: every task's greedy accuracy on 128
+# held-out prompts rises by MIN_ACCURACY_RISE within it (in-process probes of the
+# same settings rose 0.33-0.70 by step 10; the margin absorbs eval noise).
+CONCURRENT_STEPS = 15
+MIN_ACCURACY_RISE = 0.2
 CONCURRENT_TASKS = ("count", "copy", "reverse", "sort")
 
 
@@ -76,7 +80,7 @@ def test_invalid_specs_create_nothing(scheduler):
     assert len(scheduler.list()) == before
 
 
-def test_four_tasks_run_concurrently_with_gap_free_versions(scheduler, cluster):
+def test_four_tasks_learn_concurrently_with_gap_free_versions(scheduler, cluster):
     ids = [
         scheduler.submit(
             builtin_spec(task, max_steps=CONCURRENT_STEPS, seed=i), experiment_id=f"conc-{task}"
@@ -93,6 +97,8 @@ def test_four_tasks_run_concurrently_with_gap_free_versions(scheduler, cluster):
         assert e.state == pb.EXPERIMENT_STATE_COMPLETED, e.state_reason
         assert e.current_step == CONCURRENT_STEPS
         assert e.HasField("base_accuracy") and e.HasField("latest_accuracy")
+    rises = {e.experiment_id: e.latest_accuracy - e.base_accuracy for e in finished}
+    assert all(rise >= MIN_ACCURACY_RISE for rise in rises.values()), rises
     with RegistryClient(cluster.services["registry"].address) as registry:
         for experiment_id in ids:
             versions = [v.version for v in registry.list_versions(experiment_id)]
@@ -147,9 +153,7 @@ def remote_environment():
 
 def test_remote_environment_drives_rising_reward(scheduler, remote_environment):
     address, servicer = remote_environment
-    # lr 3e-3 (not the 1e-3 default): this easy remote task shows its rise in
-    # 20 steps at 3e-3; the default is tuned for not hurting the harder tasks.
-    spec = builtin_spec("count", max_steps=20, learning_rate=3e-3)
+    spec = builtin_spec("count", max_steps=20)
     spec.environment.Clear()
     spec.environment.remote.address = address
     spec.environment.remote.task = "parity"

@@ -109,7 +109,7 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--param", multiple=True, help="Task parameter KEY=VALUE (repeatable).")
 @click.option("--steps", type=int, default=20, show_default=True, help="0 = continual.")
 @click.option("--rank", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=0.0, help="Learning rate (0 = default 1e-3).")
+@click.option("--lr", type=float, default=0.0, help="Learning rate (0 = default 3e-3).")
 @click.option("--group-size", type=int, default=0, help="Samples per prompt (0 = 8).")
 @click.option("--prompts-per-step", type=int, default=0, help="0 = 16.")
 @click.option("--max-staleness", type=int, default=0, help="Off-policy pipelining depth.")

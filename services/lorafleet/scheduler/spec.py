@@ -17,10 +17,10 @@ from lorafleet.scheduler.types import NodeRecord
 
 DEFAULT_PROMPTS_PER_STEP = 16
 DEFAULT_GROUP_SIZE = 8
-# Measured on the tiny model (rank 8, 16 x 8 samples, 30-80 steps): 3e-3 and
-# above drove greedy accuracy down on copy/reverse/sort (to 0 at 1e-2); 1e-3
-# was the least destructive and the only setting with small gains on count/sort.
-DEFAULT_LEARNING_RATE = 1e-3
+# Measured on the tiny model (rank 8, 16 x 8 samples, temperature 1): 3e-3 lifts
+# greedy accuracy by 0.3-0.7 on count/copy/reverse/sort within 30 steps, with
+# partial-credit or exact-match rewards alike; 1e-2 and above collapses.
+DEFAULT_LEARNING_RATE = 3e-3
 DEFAULT_CLIP_EPSILON = 0.2
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_MAX_TOKENS = 16
