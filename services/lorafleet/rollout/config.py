@@ -86,7 +86,11 @@ class RolloutSettings(ServiceSettings):
         default=True, description="Skip graph capture/compilation (faster start, CPU-friendly)."
     )
     max_num_seqs: int | None = Field(
-        default=None, ge=1, description="Sequences in one engine step; None = vLLM's default."
+        default=1024,
+        ge=1,
+        description="Sequences in one engine step (None = vLLM's default, 128 for an engine: "
+        "one experiment's step of 16 prompts x 8 samples, so concurrent experiments would "
+        "queue behind each other instead of sharing batches).",
     )
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = Field(
         default="raw_logprobs",
