@@ -1,0 +1,164 @@
+"""The CLI as a user drives it: `lorafleet up` in one terminal, then submit, watch,
+pause, resume, cancel, `adapters ls/alias/pull` in another, and the pulled adapter
+loads in peft.
+
+Every command is a real subprocess of the installed `lorafleet` entry point; the
+cluster address comes from the `runs/*/cluster.json` that `up` wrote in the
+working directory, exactly as in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
+START_TIMEOUT_S = 240
+
+SPEC_TOML = """\
+display_name = "cli count"
+base_model = "tiny"
+seed = 3
+
+[environment.builtin]
+task = "count"
+
+[lora]
+rank = 4
+
+[algorithm]
+prompts_per_step = 8
+group_size = 4
+max_steps = 40
+"""
+
+
+def run_cli(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_SCHEDULER")}
+    env.pop("LORAFLEET_REGISTRY", None)
+    result = subprocess.run(
+        [LORAFLEET, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=180
+    )
+    if check:
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result
+
+
+def cli_json(workdir: Path, *args: str):  # type: ignore[no-untyped-def]
+    return json.loads(run_cli(workdir, *args, "--json").stdout)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model_dir):
+    """A directory with a running `lorafleet up`; stopped with Ctrl-C (SIGINT) at the end."""
+    workdir = tmp_path_factory.mktemp("cli")
+    log = (workdir / "up.log").open("w")
+    up = subprocess.Popen(
+        [LORAFLEET, "up", "--run-dir", "runs/cli"],
+        cwd=workdir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    manifest = workdir / "runs" / "cli" / "cluster.json"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not manifest.is_file():
+        assert up.poll() is None, (workdir / "up.log").read_text()
+        assert time.monotonic() < deadline, (workdir / "up.log").read_text()
+        time.sleep(0.5)
+    yield workdir
+    os.killpg(up.pid, signal.SIGINT)
+    assert up.wait(timeout=90) == 0, (workdir / "up.log").read_text()
+    log.close()
+
+
+def wait_state(workdir: Path, experiment_id: str, states: set[str], timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        experiment = cli_json(workdir, "get", experiment_id)
+        if experiment["state"] in states:
+            return experiment
+        assert time.monotonic() < deadline, experiment
+        time.sleep(0.5)
+
+
+def test_cli_drives_an_experiment_through_its_lifecycle(workdir: Path) -> None:
+    (workdir / "spec.toml").write_text(SPEC_TOML)
+    submitted = cli_json(workdir, "submit", "--spec", "spec.toml", "--id", "cli-count")
+    assert submitted["experimentId"] == "cli-count"
+    assert submitted["spec"]["lora"]["rank"] == 4
+
+    # Bad input: a clear message and a non-zero exit, nothing created.
+    bad = run_cli(workdir, "submit", "--task", "no-such-task", check=False)
+    assert bad.returncode != 0 and "UNKNOWN_TASK" in bad.stderr + bad.stdout
+    assert [e["experimentId"] for e in cli_json(workdir, "ls")] == ["cli-count"]
+
+    wait_state(workdir, "cli-count", {"EXPERIMENT_STATE_RUNNING"}, 60)
+    # Let it publish a few versions, then pause at a step boundary.
+    deadline = time.monotonic() + 120
+    while int(cli_json(workdir, "get", "cli-count").get("currentStep", 0)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    paused = cli_json(workdir, "pause", "cli-count")
+    # Pausing takes effect at the next step boundary.
+    assert paused["state"] in {"EXPERIMENT_STATE_RUNNING", "EXPERIMENT_STATE_PAUSED"}
+    paused = wait_state(workdir, "cli-count", {"EXPERIMENT_STATE_PAUSED"}, 60)
+    step_at_pause = int(paused["currentStep"])
+    time.sleep(3)
+    assert int(cli_json(workdir, "get", "cli-count")["currentStep"]) == step_at_pause
+
+    cli_json(workdir, "resume", "cli-count")
+    deadline = time.monotonic() + 120
+    while int(cli_json(workdir, "get", "cli-count")["currentStep"]) <= step_at_pause:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+    cancelled = cli_json(workdir, "cancel", "cli-count")
+    final = wait_state(workdir, "cli-count", {"EXPERIMENT_STATE_CANCELLED"}, 60)
+    assert cancelled["experimentId"] == "cli-count"
+
+    # watch replays every completed step, in order, then ends with the lifecycle.
+    events = [json.loads(line) for line in run_cli(workdir, "watch", "cli-count", "--json")
+              .stdout.splitlines()]
+    steps = [int(e["step"]["step"]) for e in events if "step" in e]
+    assert steps == list(range(1, int(final["currentStep"]) + 1))
+    assert steps[-1] > step_at_pause
+    # The human view renders the same run as a table.
+    assert "cli-count" in run_cli(workdir, "watch", "cli-count").stdout
+
+
+def test_cli_pulls_an_adapter_that_loads_in_peft(workdir: Path, tiny_model_dir: Path) -> None:
+    versions = cli_json(workdir, "adapters", "versions", "cli-count")
+    latest = max(int(v["version"]) for v in versions)
+    assert latest >= 2
+    run_cli(workdir, "adapters", "alias", f"cli-count@{latest}", "best")
+    pulled = cli_json(workdir, "adapters", "pull", "cli-count@best", "--out", "pulled")
+    assert pulled["version"] == latest
+    path = workdir / "pulled"
+    assert (path / "adapter_config.json").is_file()
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, path)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        tuned = model(ids).logits
+        with model.disable_adapter():
+            untuned = model(ids).logits
+    # A trained version is not the identity: the adapter changes the logits.
+    assert torch.isfinite(tuned).all()
+    assert (tuned - untuned).abs().max().item() > 1e-6
+    shutil.rmtree(path)
