@@ -22,12 +22,12 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, transformers, peft, vllm, grpc; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| vllm', vllm.__version__)"
 	touch $@
 
-# Until GRPO reliably lifts the tiny model's greedy accuracy (see README,
-# "Status"), the main job starts the whole mesh, prints each service's health
-# and stops it; `lorafleet demo` runs the experiment demo.
+# The main job: builds the tiny model once, starts the local mesh, runs four
+# concurrent RL experiments with live progress, prints base vs final accuracy,
+# writes reward-curve PNGs, stops the mesh; exits 1 if any experiment did not
+# improve.
 demo: install
-	$(VENV)/bin/lorafleet model path
-	$(VENV)/bin/lorafleet up --check
+	$(VENV)/bin/lorafleet demo
 
 up: install
 	$(VENV)/bin/lorafleet up

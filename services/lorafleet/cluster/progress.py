@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -52,25 +53,27 @@ class RunResult:
         return (e.end_time.ToNanoseconds() - e.start_time.ToNanoseconds()) / 1e9
 
 
+def _compact_table(title: str, columns: list[str], left: tuple[str, ...]) -> Table:
+    # No vertical rules: both tables fit an 80-column terminal without cutting ids.
+    table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for column in columns:
+        table.add_column(column, justify="left" if column in left else "right", no_wrap=True)
+    return table
+
+
+def _accuracy(experiment: pb.Experiment, name: str) -> str:
+    return f"{getattr(experiment, name):.2f}" if experiment.HasField(name) else "-"
+
+
 def live_table(
     experiments: list[pb.Experiment], started: float, title: str = "lorafleet demo"
 ) -> Table:
     elapsed = time.monotonic() - started
-    table = Table(title=f"{title} — {elapsed:5.0f} s")
-    for column in (
-        "experiment",
-        "task",
-        "state",
-        "step",
-        "version",
-        "reward",
-        "base acc",
-        "acc",
-        "steps/s",
-    ):
-        table.add_column(
-            column, justify="right" if column not in ("experiment", "task") else "left"
-        )
+    table = _compact_table(
+        f"{title} — {elapsed:.0f} s",
+        ["experiment", "task", "state", "step", "version", "reward", "acc", "steps/s"],
+        left=("experiment", "task", "state"),
+    )
     for e in experiments:
         steps_per_s = e.current_step / elapsed if elapsed > 0 else 0.0
         table.add_row(
@@ -80,8 +83,7 @@ def live_table(
             f"{e.current_step}/{e.spec.algorithm.max_steps or '∞'}",
             str(e.latest_version),
             f"{e.last_step.reward_mean:.3f}",
-            f"{e.base_accuracy:.2f}" if e.HasField("base_accuracy") else "-",
-            f"{e.latest_accuracy:.2f}" if e.HasField("latest_accuracy") else "-",
+            f"{_accuracy(e, 'base_accuracy')}→{_accuracy(e, 'latest_accuracy')}",
             f"{steps_per_s:.2f}",
         )
     return table
@@ -89,36 +91,31 @@ def live_table(
 
 def final_table(results: list[RunResult], wall_s: float) -> Table:
     total_steps = sum(r.experiment.current_step for r in results)
-    table = Table(
-        title=f"results — wall {wall_s:.0f} s, {total_steps} steps, "
-        f"{total_steps / wall_s if wall_s else 0:.2f} steps/s"
+    table = _compact_table(
+        f"results — wall {wall_s:.0f} s, {total_steps} steps, "
+        f"{total_steps / wall_s if wall_s else 0:.2f} steps/s",
+        ["experiment", "task", "steps", "base acc", "final acc", "gain", "wall s", "improved"],
+        left=("experiment", "task", "improved"),
     )
-    for column in (
-        "experiment",
-        "task",
-        "state",
-        "steps",
-        "base acc",
-        "final acc",
-        "gain",
-        "wall s",
-        "improved",
-    ):
-        table.add_column(column)
     for r in results:
         e = r.experiment
         base = e.base_accuracy if e.HasField("base_accuracy") else float("nan")
         final = e.latest_accuracy if e.HasField("latest_accuracy") else float("nan")
+        if r.improved:
+            verdict = "[green]yes[/green]"
+        elif e.state == pb.EXPERIMENT_STATE_COMPLETED:
+            verdict = "[red]no[/red]"
+        else:
+            verdict = f"[red]no ({state_name(e.state)})[/red]"
         table.add_row(
             e.experiment_id,
             task_of(e),
-            state_name(e.state),
             str(e.current_step),
             f"{base:.3f}",
             f"{final:.3f}",
             f"{final - base:+.3f}",
             f"{r.wall_s:.0f}",
-            "[green]yes[/green]" if r.improved else "[red]no[/red]",
+            verdict,
         )
     return table
 
@@ -159,8 +156,11 @@ def follow_live(
             experiments = [client.get(i) for i in experiment_ids]
             live.update(live_table(experiments, started, title))
             if all_finished(experiments):
-                return experiments
+                break
             time.sleep(poll_s)
+    # A non-terminal console leaves the last frame without a line end.
+    console.print()
+    return experiments
 
 
 def plot_reward_curves(results: list[RunResult], out_dir: Path) -> list[Path]:
