@@ -28,9 +28,9 @@ How they are installed: vLLM imports ``parallel_config.worker_extension_cls`` in
 every worker process before the model loads. :class:`LoraNoLoraRowsFix` is that
 class (it adds no methods); importing this module probes the installed ops with
 an index of ``-1`` and, only if they apply a delta, swaps in fixed versions
-(index clamped for the gather, delta zeroed for ``-1`` rows, exactly the
-upstream fix). When vLLM ships the fix, the probe sees no delta and nothing is
-patched.
+(delta zeroed for ``-1`` rows, as the upstream fix does, and computed per
+adapter slot rather than per token: see :func:`_delta`). When vLLM ships the
+fix, the probe sees no delta and nothing is patched.
 """
 
 from __future__ import annotations
@@ -47,18 +47,27 @@ def _delta(
     inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor | None:
     """Per-row ``weights[index] @ input``, zero for rows with index -1; None when
-    every row is -1 (nothing to add). Rows that all have an adapter take vLLM's
-    own arithmetic (no clamp, no mask), so their results are bit-identical."""
+    every row is -1 (nothing to add).
+
+    Grouped by adapter slot: one matmul per slot present in the batch, instead of
+    vLLM's gather of a [rows, out, in] weight copy per token. The gather made
+    LoRA decoding cost ~2.5x the base model on CPU and grow linearly with the
+    batch, so concurrent experiments gained nothing from sharing a batch
+    (measured per op, 512 tokens over 4 adapters: 0.6-4.0 ms gathered, 0.2-0.8 ms
+    grouped)."""
     valid = indices >= 0
-    all_valid = bool(valid.all())
-    if not all_valid and not bool(valid.any()):
+    if not bool(valid.any()):
         return None
-    selected = weights[indices if all_valid else indices.clamp(min=0)].to(dtype=dtype)
-    if selected.dim() == 4:
-        selected = selected.squeeze(dim=1)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=dtype), selected)
-    if not all_valid:
-        outputs = outputs.masked_fill(~valid.unsqueeze(1), 0)
+    if weights.dim() == 4:
+        weights = weights.squeeze(dim=1)  # [slots, out, in]
+    x = inputs.to(dtype=dtype)
+    slots = torch.unique(indices[valid])
+    if slots.numel() == 1 and bool(valid.all()):
+        return x @ weights[int(slots[0])].to(dtype=dtype).T
+    outputs = x.new_zeros((x.shape[0], weights.shape[1]))
+    for slot in slots.tolist():
+        rows = (indices == slot).nonzero().squeeze(1)
+        outputs.index_copy_(0, rows, x.index_select(0, rows) @ weights[slot].to(dtype=dtype).T)
     return outputs
 
 

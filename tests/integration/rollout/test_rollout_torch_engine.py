@@ -224,11 +224,12 @@ async def test_sampling_parameters(engine, solo):
         assert "\n" not in s.text
         assert s.text == engine._tokenizer.decode(list(s.token_ids_T[:-1]),
                                                   skip_special_tokens=True)
-    # A stop string: STOP, the text cut before it.
-    full = base[1].samples_N[0].text
+    # A stop string: STOP, the text cut before it (on the longest base answer).
+    longest = max(base, key=lambda r: len(r.samples_N[0].text))
+    full = longest.samples_N[0].text
     assert len(full) >= 3
     stop = full[1:3]
-    cut = await engine.generate([GenerationRequest(base[1].prompt_token_ids, 1,
+    cut = await engine.generate([GenerationRequest(longest.prompt_token_ids, 1,
                                                    SamplingSpec(max_tokens=MAX_TOKENS,
                                                                 stop=(stop,)))])
     sample = cut[0].samples_N[0]
