@@ -93,6 +93,21 @@ def sequence_mean_weights(samples: list[trainer_pb2.TrainSample]) -> None:
         sample.advantage *= mean_len / max(length, 1)
 
 
+ROLLOUT_CHUNKS_PER_BUDGET = 4
+"""A step's generation is split into requests of at most 1/4 of a node's
+fair-share budget, each admitted on its own: an experiment with huge batches
+then queues behind its own virtual time chunk by chunk, and light experiments'
+requests get turns in between (an oversized single request would be admitted
+alone and hold the engine for its whole length)."""
+
+
+def rollout_chunks(num_prompts: int, per_prompt_cost: int, max_cost: int) -> list[tuple[int, int]]:
+    """[lo, hi) prompt ranges whose cost stays within ``max_cost`` (at least one
+    prompt each: a prompt's samples are one GRPO group and stay together)."""
+    size = max(1, max_cost // max(per_prompt_cost, 1))
+    return [(lo, min(lo + size, num_prompts)) for lo in range(0, num_prompts, size)]
+
+
 class StopRun(Exception):
     """Raised inside the loop when the experiment should stop at a step boundary."""
 
@@ -339,23 +354,41 @@ class ExperimentRunner:
         version = self.record.latest_version
         group = self.algo.group_size
         prompts = await self._sample_prompts(step)
-        cost = len(prompts) * group * (self.algo.max_tokens + 32)
-        request = rollout_pb2.GenerateRequest(
-            adapter=adapter_pb2.AdapterSelector(adapter_id=self.record.adapter_id, version=version),
-            prompts=[rollout_pb2.Prompt(text=p.text) for p in prompts],
-            n=group,
-            sampling=sampling_pb2.SamplingParams(
-                temperature=self.algo.temperature,
-                max_tokens=self.algo.max_tokens,
-                stop=self.env.stop,
-                seed=(self.spec.seed * 1_000_003 + step) % (2**31),
-            ),
-            experiment_id=self.exp,
+        per_prompt_cost = group * (self.algo.max_tokens + 32)
+        base_seed = (self.spec.seed * 1_000_003 + step) % (2**31)
+        max_chunk_cost = self.node.rollout_gate.budget // ROLLOUT_CHUNKS_PER_BUDGET
+        chunks = rollout_chunks(len(prompts), per_prompt_cost, max_chunk_cost)
+
+        async def generate(index: int, lo: int, hi: int):  # type: ignore[no-untyped-def]
+            request = rollout_pb2.GenerateRequest(
+                adapter=adapter_pb2.AdapterSelector(
+                    adapter_id=self.record.adapter_id, version=version
+                ),
+                prompts=[rollout_pb2.Prompt(text=p.text) for p in prompts[lo:hi]],
+                n=group,
+                sampling=sampling_pb2.SamplingParams(
+                    temperature=self.algo.temperature,
+                    max_tokens=self.algo.max_tokens,
+                    stop=self.env.stop,
+                    # Chunk 0 keeps the step's seed: a step that fits one chunk
+                    # samples exactly as it did before chunking existed.
+                    seed=(base_seed + index) % (2**31),
+                ),
+                experiment_id=self.exp,
+            )
+            cost = (hi - lo) * per_prompt_cost
+            async with self.node.rollout_gate.admit(self.exp, cost, self.spec.weight) as waited:
+                return await self._rollout("Generate", request), waited
+
+        started = time.monotonic()
+        answers = await asyncio.gather(
+            *(generate(i, lo, hi) for i, (lo, hi) in enumerate(chunks))
         )
-        async with self.node.rollout_gate.admit(self.exp, cost, self.spec.weight) as waited_ms:
-            started = time.monotonic()
-            response = await self._rollout("Generate", request)
-            rollout_ms = (time.monotonic() - started) * 1000
+        waited_ms = sum(waited for _, waited in answers)
+        rollout_ms = (time.monotonic() - started) * 1000 - min(w for _, w in answers)
+        response = rollout_pb2.GenerateResponse(adapter_version=answers[0][0].adapter_version)
+        for answer, _ in answers:
+            response.results.extend(answer.results)
         started = time.monotonic()
         items = [
             (prompt, completion.text)

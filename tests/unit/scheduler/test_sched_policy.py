@@ -120,3 +120,16 @@ def test_sequence_mean_weights_make_token_mean_a_sample_mean():
     )
     assert token_mean == pytest.approx(0.0, abs=1e-6)  # = mean of per-sample advantages
     assert samples[0].advantage > 0 > samples[1].advantage
+
+
+def test_rollout_chunks_cover_every_prompt_within_the_cost():
+    from lorafleet.scheduler.runner import rollout_chunks
+
+    # The default step (16 prompts x 8 samples x 48 tokens) is one request.
+    assert rollout_chunks(16, 8 * 48, 65536 // 4) == [(0, 16)]
+    chunks = rollout_chunks(256, 8 * 96, 65536 // 4)
+    assert chunks[0] == (0, 21) and chunks[-1][1] == 256
+    assert all(hi - lo <= 21 for lo, hi in chunks)
+    assert [i for lo, hi in chunks for i in range(lo, hi)] == list(range(256))
+    # A prompt whose samples cost more than a chunk still goes out, alone.
+    assert rollout_chunks(3, 10_000, 100) == [(0, 1), (1, 2), (2, 3)]
