@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -205,6 +206,22 @@ def test_scheduler_sigkill_resumes_without_lost_or_repeated_steps(scheduler, clu
     assert versions == list(range(1, 14))
 
 
+def live_group_members(pgid: int) -> list[str]:
+    """Processes of a process group that are still running (zombies excluded)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after ')'.
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        state, _ppid, pgrp = text[text.rindex(")") + 2 :].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            members.append(comm)
+    return members
+
+
 def test_node_killed_mid_run_moves_experiments(cluster):
     address = cluster.services["scheduler"].address
     with SchedulerClient(address) as scheduler:
@@ -213,8 +230,15 @@ def test_node_killed_mid_run_moves_experiments(cluster):
             time.sleep(0.2)
         victim = scheduler.get(experiment.experiment_id).node_id
         index = victim.rsplit("-", 1)[1]
-        cluster.kill(f"rollout-{index}")
-        cluster.kill(f"trainer-{index}")
+        for name in (f"rollout-{index}", f"trainer-{index}"):
+            cluster.kill(name)
+            # The whole node is gone, vLLM engine processes included: none is
+            # left orphaned holding memory and cores.
+            group = cluster.services[name].process.pid
+            deadline = time.monotonic() + 10
+            while live_group_members(group):
+                assert time.monotonic() < deadline, (name, live_group_members(group))
+                time.sleep(0.1)
         [finished] = wait_finished(scheduler, [experiment.experiment_id], timeout_s=600)
         assert finished.state == pb.EXPERIMENT_STATE_COMPLETED, finished.state_reason
         assert finished.node_id != victim

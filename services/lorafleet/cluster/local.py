@@ -10,6 +10,7 @@ graceful shutdown) and escalates to SIGKILL only past a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,6 +102,13 @@ def health_status(address: str, service: str = "", timeout_s: float = 2.0) -> st
         except grpc.RpcError as exc:
             return exc.code().name  # type: ignore[attr-defined]
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    # Each service leads its own session (start_new_session), so its process
+    # group holds exactly it and its descendants.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 class LocalCluster:
@@ -213,15 +221,19 @@ class LocalCluster:
                 log.warning("service_kill", service=name, after_s=timeout_s)
                 process.kill()
                 process.wait()
+        # Anything the service started and left behind (an engine subprocess that
+        # outlived it) goes with it.
+        _kill_group(process)
         log.info("service_stopped", service=name, exit_code=process.returncode)
         return process.returncode
 
     def kill(self, name: str) -> None:
-        """SIGKILL, as a crash would (tests of durability)."""
+        """SIGKILL the service and every process it started, as a machine crash
+        would (tests of durability). Killing only the service would orphan its
+        vLLM engine processes, which keep their memory (GBs) and cores."""
         process = self.services[name].process
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        _kill_group(process)
+        process.wait()
 
     def stop_all(self, timeout_s: float = 30.0) -> dict[str, int]:
         """Stop in reverse start order: clients before the services they call."""
