@@ -45,3 +45,35 @@ def _one_torch_thread():
 def llama(llama_dir: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(str(llama_dir),
                                                              dtype=torch.float32)
+
+
+def cross_entropy_request(name: str, seed: int, *, n: int, length: int,
+                          prompt_length: int):  # -> TrainRequest
+    """A request of ``n`` random token sequences for adapter ``name`` (SFT loss)."""
+    from lorafleet.lora.types import (
+        LossConfig,
+        LossKind,
+        TokenSequence,
+        TrainRequest,
+        TrainSample,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    samples = tuple(
+        TrainSample(TokenSequence(
+            tuple(torch.randint(0, VOCAB, (length,), generator=g).tolist()), prompt_length))
+        for _ in range(n))
+    return TrainRequest(name, samples, LossConfig(kind=LossKind.CROSS_ENTROPY), request_id=name)
+
+
+def engine_with_adapters(model_dir: Path, names: tuple[str, ...]):  # -> TrainEngine
+    """A training engine on ``model_dir`` with one rank-4 adapter per name (seeded 0, 1, ...)."""
+    from lorafleet.lora.engine import TrainEngine
+    from lorafleet.lora.spec import LoraSpec
+    from lorafleet.lora.types import OptimizerConfig
+
+    engine = TrainEngine.from_pretrained(model_dir)
+    for i, name in enumerate(names):
+        engine.create_adapter(name, LoraSpec(rank=4, alpha=8),
+                              OptimizerConfig(learning_rate=1e-2), seed=i)
+    return engine

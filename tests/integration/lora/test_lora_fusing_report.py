@@ -6,38 +6,24 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
+from lora_support import cross_entropy_request, engine_with_adapters
 
 from lorafleet.lora.engine import TrainEngine
 from lorafleet.lora.fusing import FusedBatch, FusingQueue
-from lorafleet.lora.spec import LoraSpec
 from lorafleet.lora.types import (
-    LossConfig,
-    LossKind,
-    OptimizerConfig,
     RequestError,
-    TokenSequence,
     TrainRequest,
-    TrainSample,
     TrainStepResult,
 )
 
 
 def _req(name: str, seed: int, n: int = 3, length: int = 8) -> TrainRequest:
-    g = torch.Generator().manual_seed(seed)
-    samples = tuple(
-        TrainSample(TokenSequence(tuple(torch.randint(0, 64, (length,), generator=g).tolist()), 2))
-        for _ in range(n))
-    return TrainRequest(name, samples, LossConfig(kind=LossKind.CROSS_ENTROPY), request_id=name)
+    return cross_entropy_request(name, seed, n=n, length=length, prompt_length=2)
 
 
 @pytest.fixture
 def engine(llama_dir) -> TrainEngine:
-    eng = TrainEngine.from_pretrained(llama_dir)
-    for i, name in enumerate(("a", "b")):
-        eng.create_adapter(name, LoraSpec(rank=4, alpha=8), OptimizerConfig(learning_rate=1e-2),
-                           seed=i)
-    return eng
+    return engine_with_adapters(llama_dir, ("a", "b"))
 
 
 async def test_one_report_per_engine_call(engine):
