@@ -10,8 +10,11 @@ adapter receives exactly the gradient it would get alone.
 Errors are values: a malformed request (unknown adapter, bad shapes, token out of
 range) comes back as a :class:`RequestError` and the rest of the batch runs.
 
-Thread-safety: public methods take one lock (torch work on one model is serial;
-the routing state is per model). Callers on an event loop use
+Thread-safety: public methods take one engine lock (torch work on one model is
+serial; the routing state is per model). Saving an adapter takes only that
+adapter's own lock, which every change of its weights or optimizer state also
+takes: a fused pass of other adapters (which may hold the engine lock for a
+second) never delays a publish. Callers on an event loop use
 :class:`lorafleet.lora.fusing.FusingQueue`, which runs this in a worker thread.
 """
 
@@ -22,8 +25,9 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -95,6 +99,9 @@ class _Slot:
     name: str
     spec: LoraSpec
     optimizer: AdapterOptimizer
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held while the adapter's weights or optimizer state change or are read for
+    a save (inside the engine lock when both are held)."""
 
 
 @dataclass
@@ -194,8 +201,7 @@ class TrainEngine:
             return self._info(name)
 
     def drop_adapter(self, name: str) -> None:
-        with self._lock:
-            self._slot(name)
+        with self._lock, self._slot(name).lock:
             self.lora.remove_adapter(name)
             del self._slots[name]
             log.info("adapter_dropped", adapter=name, slots_used=self.slots_used)
@@ -225,7 +231,9 @@ class TrainEngine:
 
     def optim_step(self, name: str, learning_rate: float | None = None) -> OptimStepResult:
         with self._lock:
-            res = self._slot(name).optimizer.step(learning_rate)
+            slot = self._slot(name)
+            with slot.lock:
+                res = slot.optimizer.step(learning_rate)
             return replace(res, adapter=name)
 
     def train_step(self, requests: Sequence[TrainRequest]
@@ -250,7 +258,9 @@ class TrainEngine:
                         results[i] = res
                         continue
                     try:
-                        step = self._slot(req.adapter).optimizer.step(req.learning_rate)
+                        slot = self._slot(req.adapter)
+                        with slot.lock:
+                            step = slot.optimizer.step(req.learning_rate)
                     except LorafleetError as e:
                         results[i] = RequestError(req.request_id, req.adapter, e)
                         continue
@@ -328,10 +338,9 @@ class TrainEngine:
 
     def save_peft(self, name: str, directory: str | os.PathLike[str]) -> SavedAdapter:
         """Write the adapter in PEFT's layout; returns digests for the registry."""
-        with self._lock:
-            slot = self._slot(name)
-            return save_peft_adapter(directory, self.lora.adapter_state_dict(name), slot.spec,
-                                     self.base_model)
+        with self._saving(name) as slot:
+            tensors = self.lora.adapter_state_dict(name)
+        return save_peft_adapter(directory, tensors, slot.spec, self.base_model)
 
     def load_peft(self, name: str, directory: str | os.PathLike[str],
                   optimizer: OptimizerConfig | None = None) -> AdapterInfo:
@@ -340,7 +349,8 @@ class TrainEngine:
         with self._lock:
             self.create_adapter(name, loaded.spec, optimizer)
             try:
-                self.lora.load_adapter_state_dict(name, loaded.tensors)
+                with self._slots[name].lock:
+                    self.lora.load_adapter_state_dict(name, loaded.tensors)
             except BaseException:
                 self.drop_adapter(name)
                 raise
@@ -349,8 +359,7 @@ class TrainEngine:
     def save_state(self, name: str) -> bytes:
         """Adapter weights + AdamW moments + step count as one safetensors blob
         (no pickle; deterministic bytes for the same state)."""
-        with self._lock:
-            slot = self._slot(name)
+        with self._saving(name) as slot:
             tensors = {f"adapter.{k}": v for k, v in self.lora.adapter_state_dict(name).items()}
             tensors.update({f"optim.{k}": v for k, v in slot.optimizer.state_tensors().items()})
             meta = {
@@ -360,10 +369,10 @@ class TrainEngine:
                 "step": slot.optimizer.step_count,
                 "base_model": self.base_model,
             }
-            # One metadata key holding sorted JSON: safetensors writes its metadata map
-            # in hash order, so several keys would make the bytes vary run to run.
-            return save_safetensors_bytes(
-                tensors, metadata={_STATE_META_KEY: json.dumps(meta, sort_keys=True)})
+        # One metadata key holding sorted JSON: safetensors writes its metadata map
+        # in hash order, so several keys would make the bytes vary run to run.
+        return save_safetensors_bytes(
+            tensors, metadata={_STATE_META_KEY: json.dumps(meta, sort_keys=True)})
 
     def load_state(self, name: str, data: bytes,
                    optimizer: OptimizerConfig | None = None) -> AdapterInfo:
@@ -383,18 +392,19 @@ class TrainEngine:
                         f"state of a different adapter shape cannot load into {name!r}",
                         reason="STATE_SPEC_MISMATCH",
                     )
-                old = self._slots[name].optimizer
                 if optimizer is not None:
                     validate_optimizer_config(optimizer)
-                    self._slots[name].optimizer = AdapterOptimizer(old.params, optimizer)
             else:
                 self.create_adapter(name, spec, opt_cfg)
                 created = True
+            slot = self._slots[name]
             try:
-                self.lora.load_adapter_state_dict(name, adapter_t)
-                slot = self._slots[name]
-                slot.optimizer.zero_grad()
-                slot.optimizer.load_state_tensors(optim_t, int(meta["step"]))
+                with slot.lock:
+                    if optimizer is not None and not created:
+                        slot.optimizer = AdapterOptimizer(slot.optimizer.params, optimizer)
+                    self.lora.load_adapter_state_dict(name, adapter_t)
+                    slot.optimizer.zero_grad()
+                    slot.optimizer.load_state_tensors(optim_t, int(meta["step"]))
             except BaseException:
                 if created:
                     self.drop_adapter(name)
@@ -695,6 +705,17 @@ class TrainEngine:
         return torch.stack(toks, 1).cpu(), torch.stack(lps, 1).cpu()
 
     # --- internals: bookkeeping --------------------------------------------------
+
+    @contextmanager
+    def _saving(self, name: str) -> Iterator[_Slot]:
+        """Hold adapter ``name``'s own lock (not the engine's) to read it for a save."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise adapter_not_found(name)
+        with slot.lock:
+            if self._slots.get(name) is not slot:  # dropped while we waited
+                raise adapter_not_found(name)
+            yield slot
 
     def _slot(self, name: str) -> _Slot:
         try:

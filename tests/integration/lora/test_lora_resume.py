@@ -68,3 +68,26 @@ def test_load_state_checks(llama_dir):
         eng.load_state("new", b"not a state")
     assert info.value.reason == "INVALID_STATE"
     assert not eng.has_adapter("new")
+
+
+def test_saves_do_not_wait_for_a_fused_pass(llama_dir, tmp_path):
+    """Publishing an adapter takes only its own lock: while a fused pass (of other
+    adapters) holds the engine, its state and PEFT files can still be written,
+    and a train step of it waits for the pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    eng = TrainEngine.from_pretrained(llama_dir)
+    eng.create_adapter("exp", SPEC, OPT, seed=5)
+    eng.train_step([_step_request(0)])
+    with ThreadPoolExecutor(3) as pool:
+        with eng._lock:  # what a running fused pass holds
+            state = pool.submit(eng.save_state, "exp")
+            peft = pool.submit(eng.save_peft, "exp", tmp_path / "v")
+            train = pool.submit(eng.train_step, [_step_request(1)])
+            assert state.result(timeout=30) and peft.result(timeout=30).sha256
+            assert not train.done()
+        (trained,) = train.result(timeout=30)
+    assert trained.step == 2
+    # The blob saved during the pass is the state before the second step.
+    fresh = TrainEngine.from_pretrained(llama_dir)
+    assert fresh.load_state("exp", state.result()).step == 1
