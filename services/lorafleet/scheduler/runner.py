@@ -36,6 +36,16 @@ from lorafleet.api.registry.v1 import registry_pb2, registry_pb2_grpc
 from lorafleet.api.rollout.v1 import rollout_pb2
 from lorafleet.api.trainer.v1 import trainer_pb2
 from lorafleet.core.errors import AlreadyExists
+from lorafleet.scheduler.batching import (
+    ROLLOUT_CHUNKS_PER_BUDGET,
+    TRAIN_CHUNKS_PER_BUDGET,
+    loss_tokens,
+    merge_train_metrics,
+    rollout_chunks,
+    sample_tokens,
+    scaled_chunk,
+    train_chunks,
+)
 from lorafleet.scheduler.environments import Environment
 from lorafleet.scheduler.grpo import group_advantages
 from lorafleet.scheduler.nodes import NodeHandle, NodeRpc
@@ -91,21 +101,6 @@ def sequence_mean_weights(samples: list[trainer_pb2.TrainSample]) -> None:
     mean_len = sum(lengths) / len(lengths)
     for sample, length in zip(samples, lengths, strict=True):
         sample.advantage *= mean_len / max(length, 1)
-
-
-ROLLOUT_CHUNKS_PER_BUDGET = 4
-"""A step's generation is split into requests of at most 1/4 of a node's
-fair-share budget, each admitted on its own: an experiment with huge batches
-then queues behind its own virtual time chunk by chunk, and light experiments'
-requests get turns in between (an oversized single request would be admitted
-alone and hold the engine for its whole length)."""
-
-
-def rollout_chunks(num_prompts: int, per_prompt_cost: int, max_cost: int) -> list[tuple[int, int]]:
-    """[lo, hi) prompt ranges whose cost stays within ``max_cost`` (at least one
-    prompt each: a prompt's samples are one GRPO group and stay together)."""
-    size = max(1, max_cost // max(per_prompt_cost, 1))
-    return [(lo, min(lo + size, num_prompts)) for lo in range(0, num_prompts, size)]
 
 
 class StopRun(Exception):
@@ -250,18 +245,21 @@ class ExperimentRunner:
         self.log.warning("orphan_version_adopted", step=expected_step, version=registry_latest)
         self.on_step(metrics)
 
-    async def _trainer_step_count(self) -> int | None:
+    async def _trainer_adapter(self) -> trainer_pb2.AdapterInfo | None:
         status = await self._trainer("GetTrainerStatus", trainer_pb2.GetTrainerStatusRequest())
         for adapter in status.adapters:
             if adapter.adapter_id == self.record.adapter_id:
-                return adapter.step
+                return adapter
         return None
 
     async def _restore_trainer(self) -> None:
         rec = self.record
-        have = await self._trainer_step_count()
-        if have == rec.current_step:
+        info = await self._trainer_adapter()
+        # A gradient left by a chunked step that never reached its OptimStep (the
+        # scheduler died in between) would leak into the next step: reload.
+        if info is not None and info.step == rec.current_step and not info.pending_gradient_bytes:
             return
+        have = None if info is None else info.step
         if have is not None:
             await self._trainer(
                 "DropAdapter",
@@ -435,26 +433,7 @@ class ExperimentRunner:
         rec = self.record
         step = batch.step
         step_started = time.monotonic()
-        train_tokens = sum(len(s.sequence.token_ids) for s in batch.samples)
-        loss = trainer_pb2.LossConfig(
-            kind=trainer_pb2.LOSS_KIND_POLICY_GRADIENT,
-            clip_low=self.algo.clip_epsilon,
-            clip_high=self.algo.clip_epsilon,
-            kl_coef=self.algo.kl_coef,
-        )
-        async with self.node.train_gate.admit(self.exp, train_tokens, self.spec.weight) as waited:
-            started = time.monotonic()
-            trained = await self._trainer(
-                "TrainStep",
-                trainer_pb2.TrainStepRequest(
-                    request_id=self._rid("train", step),
-                    adapter_id=rec.adapter_id,
-                    samples=batch.samples,
-                    loss=loss,
-                    learning_rate=self.algo.learning_rate,
-                ),
-            )
-            train_ms = (time.monotonic() - started) * 1000
+        trained, train_ms, waited = await self._train(batch)
         started = time.monotonic()
         n = len(batch.rewards)
         reward_mean = sum(batch.rewards) / n
@@ -489,7 +468,7 @@ class ExperimentRunner:
             reward_mean=reward_mean,
             reward_std=reward_std,
             accuracy=accuracy,
-            train=trained.metrics,
+            train=trained,
             rollout_tokens=batch.tokens,
             times=metrics_pb2.PhaseTimes(
                 rollout_ms=batch.rollout_ms,
@@ -524,6 +503,67 @@ class ExperimentRunner:
             rec.last_step_ms = metrics.times.step_ms
             self._progress.notify_all()
         self.on_step(metrics)
+
+    async def _train(self, batch: Rollout) -> tuple[metrics_pb2.TrainMetrics, float, float]:
+        """Train on the step's batch: one TrainStep when it fits a train chunk,
+        else scaled ForwardBackward chunks (each admitted through the node's train
+        gate on its own, one at a time) and one OptimStep. Returns the metrics,
+        the trainer time and the fair-share wait, in milliseconds."""
+        rec = self.record
+        gate = self.node.train_gate
+        loss = trainer_pb2.LossConfig(
+            kind=trainer_pb2.LOSS_KIND_POLICY_GRADIENT,
+            clip_low=self.algo.clip_epsilon,
+            clip_high=self.algo.clip_epsilon,
+            kl_coef=self.algo.kl_coef,
+        )
+        chunks = train_chunks(batch.samples, gate.budget // TRAIN_CHUNKS_PER_BUDGET)
+        if len(chunks) == 1:
+            tokens = sum(sample_tokens(s) for s in batch.samples)
+            async with gate.admit(self.exp, tokens, self.spec.weight) as waited:
+                started = time.monotonic()
+                trained = await self._trainer(
+                    "TrainStep",
+                    trainer_pb2.TrainStepRequest(
+                        request_id=self._rid("train", batch.step),
+                        adapter_id=rec.adapter_id,
+                        samples=batch.samples,
+                        loss=loss,
+                        learning_rate=self.algo.learning_rate,
+                    ),
+                )
+                return trained.metrics, (time.monotonic() - started) * 1000, waited
+        step_loss_tokens = sum(loss_tokens(s) for s in batch.samples)
+        parts: list[metrics_pb2.TrainMetrics] = []
+        train_ms = waited_ms = 0.0
+        for index, chunk in enumerate(chunks):
+            samples, chunk_loss = scaled_chunk(chunk, loss, step_loss_tokens)
+            tokens = sum(sample_tokens(s) for s in chunk)
+            async with gate.admit(self.exp, tokens, self.spec.weight) as waited:
+                started = time.monotonic()
+                answer = await self._trainer(
+                    "ForwardBackward",
+                    trainer_pb2.ForwardBackwardRequest(
+                        request_id=self._rid(f"forward-backward-{index}", batch.step),
+                        adapter_id=rec.adapter_id,
+                        samples=samples,
+                        loss=chunk_loss,
+                    ),
+                )
+                train_ms += (time.monotonic() - started) * 1000
+                waited_ms += waited
+            parts.append(answer.metrics)
+        started = time.monotonic()
+        stepped = await self._trainer(
+            "OptimStep",
+            trainer_pb2.OptimStepRequest(
+                request_id=self._rid("optim", batch.step),
+                adapter_id=rec.adapter_id,
+                learning_rate=self.algo.learning_rate,
+            ),
+        )
+        train_ms += (time.monotonic() - started) * 1000
+        return merge_train_metrics(parts, stepped.grad_norm), train_ms, waited_ms
 
     async def _checkpoint_now(self) -> None:
         """Save state at the last completed step (before giving the slot back)."""

@@ -148,4 +148,5 @@ def adapter_info_to_pb(info: AdapterInfo) -> pb.AdapterInfo:
         parameter_count=info.parameter_count,
         parameter_bytes=info.parameter_bytes,
         optimizer_state_bytes=info.optimizer_state_bytes,
+        pending_gradient_bytes=info.gradient_bytes,
     )

@@ -198,6 +198,40 @@ async def test_forward_backward_then_optim_step_equals_train_step(trainer):
     assert (skipped.step, skipped.applied) == (1, False)
 
 
+async def test_scaled_chunks_then_one_optim_step_equal_one_train_step(trainer):
+    """The scheduler's way of training a hog's step in fair-share-sized pieces
+    (lorafleet.scheduler.batching) lands on the same weights as one TrainStep,
+    KL term and pending-gradient report included."""
+    from lorafleet.api.trainer.v1 import trainer_pb2
+    from lorafleet.scheduler.batching import loss_tokens, scaled_chunk, train_chunks
+
+    client = trainer.client
+    for name in ("chunked", "whole"):
+        await client.create_adapter(name, lora=LORA_8, optimizer=OPT, seed=3)
+    rng = random.Random(9)
+    samples = random_samples(rng, 3, completion=3) + random_samples(rng, 4, completion=9)
+    loss = trainer_pb2.LossConfig(kind=trainer_pb2.LOSS_KIND_POLICY_GRADIENT, kl_coef=0.05)
+    chunks = train_chunks(samples, 30)
+    assert len(chunks) >= 3
+    step_tokens = sum(loss_tokens(s) for s in samples)
+    total_loss = 0.0
+    for chunk in chunks:
+        scaled, chunk_loss = scaled_chunk(chunk, loss, step_tokens)
+        answer = await client.forward_backward("chunked", scaled, loss=chunk_loss)
+        total_loss += answer.metrics.loss
+    pending = {a.adapter_id: a.pending_gradient_bytes for a in (await client.status()).adapters}
+    assert pending["chunked"] > 0 and pending["whole"] == 0
+    stepped = await client.optim_step("chunked")
+    whole = await client.train_step("whole", samples, loss=loss)
+    assert stepped.applied and stepped.grad_norm == pytest.approx(whole.metrics.grad_norm, rel=1e-4)
+    assert total_loss == pytest.approx(whole.metrics.loss, abs=1e-5)
+    chunked_lp = await client.compute_logprobs(PROBE, adapter_id="chunked")
+    whole_lp = await client.compute_logprobs(PROBE, adapter_id="whole")
+    pairs = zip(chunked_lp, whole_lp, strict=True)
+    assert max(abs(x - y) for a, b in pairs for x, y in zip(a, b, strict=True)) < 1e-5
+    assert all(a.pending_gradient_bytes == 0 for a in (await client.status()).adapters)
+
+
 async def test_save_and_load_state(trainer):
     client = trainer.client
     await client.create_adapter("exp", lora=LORA_4, optimizer=OPT)

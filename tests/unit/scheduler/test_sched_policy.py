@@ -123,7 +123,7 @@ def test_sequence_mean_weights_make_token_mean_a_sample_mean():
 
 
 def test_rollout_chunks_cover_every_prompt_within_the_cost():
-    from lorafleet.scheduler.runner import rollout_chunks
+    from lorafleet.scheduler.batching import rollout_chunks
 
     # The default step (16 prompts x 8 samples x 48 tokens) is one request.
     assert rollout_chunks(16, 8 * 48, 65536 // 4) == [(0, 16)]
@@ -133,3 +133,62 @@ def test_rollout_chunks_cover_every_prompt_within_the_cost():
     assert [i for lo, hi in chunks for i in range(lo, hi)] == list(range(256))
     # A prompt whose samples cost more than a chunk still goes out, alone.
     assert rollout_chunks(3, 10_000, 100) == [(0, 1), (1, 2), (2, 3)]
+
+
+def _train_sample(prompt_len, completion_len, advantage=1.0):
+    from lorafleet.api.trainer.v1 import trainer_pb2
+
+    s = trainer_pb2.TrainSample(advantage=advantage)
+    s.sequence.token_ids.extend([1] * prompt_len + [7] * completion_len)
+    s.sequence.prompt_length = prompt_len
+    return s
+
+
+def test_train_chunks_keep_order_within_the_token_bound():
+    from lorafleet.scheduler.batching import sample_tokens, train_chunks
+
+    samples = [_train_sample(4, n) for n in (2, 6, 3, 9, 1, 5, 4)]  # 6..13 tokens each
+    chunks = train_chunks(samples, 20)
+    assert [s for c in chunks for s in c] == samples
+    assert all(sum(sample_tokens(s) for s in c) <= 20 for c in chunks)
+    assert len(chunks) == 4
+    # The default step (~4k tokens) is one chunk; a sample over the bound goes alone.
+    assert len(train_chunks(samples, 65536 // 8)) == 1
+    assert [len(c) for c in train_chunks([_train_sample(4, 50), _train_sample(4, 1)], 20)] == [1, 1]
+
+
+def test_scaled_chunks_sum_to_the_whole_step():
+    from lorafleet.api.trainer.v1 import trainer_pb2
+    from lorafleet.scheduler.batching import loss_tokens, scaled_chunk, train_chunks
+
+    samples = [_train_sample(3, n, advantage=a) for n, a in ((2, 1.0), (8, -0.5), (5, 2.0))]
+    loss = trainer_pb2.LossConfig(kind=trainer_pb2.LOSS_KIND_POLICY_GRADIENT, kl_coef=0.1)
+    step_tokens = sum(loss_tokens(s) for s in samples)  # 15
+    chunks = train_chunks(samples, 12)
+    assert [len(c) for c in chunks] == [1, 1, 1]
+    scaled = [scaled_chunk(c, loss, step_tokens) for c in chunks]
+    # Chunk k's per-token loss is scaled by its share of the step's loss tokens,
+    # so share_k * mean_k summed over chunks is the step's token mean.
+    assert [s[0].advantage for s, _ in scaled] == pytest.approx([2 / 15, -0.5 * 8 / 15, 2 / 3])
+    assert sum(chunk_loss.kl_coef for _, chunk_loss in scaled) == pytest.approx(0.1)
+    assert samples[1].advantage == -0.5  # the caller's samples are untouched
+    with pytest.raises(ValueError):
+        sft = trainer_pb2.LossConfig(kind=trainer_pb2.LOSS_KIND_CROSS_ENTROPY)
+        scaled_chunk(chunks[0], sft, 15)
+
+
+def test_merged_train_metrics_weigh_chunks_by_loss_tokens():
+    from lorafleet.api.common.v1 import metrics_pb2
+    from lorafleet.scheduler.batching import merge_train_metrics
+
+    parts = [
+        metrics_pb2.TrainMetrics(loss=0.2, entropy=1.0, num_loss_tokens=30, num_sequences=3,
+                                 fused_batch_adapters=1),
+        metrics_pb2.TrainMetrics(loss=0.1, entropy=2.0, num_loss_tokens=10, num_sequences=1,
+                                 fused_batch_adapters=3),
+    ]
+    merged = merge_train_metrics(parts, grad_norm=0.7)
+    assert merged.loss == pytest.approx(0.3)
+    assert merged.entropy == pytest.approx(1.25)
+    assert (merged.num_loss_tokens, merged.num_sequences, merged.fused_batch_adapters) == (40, 4, 3)
+    assert merged.grad_norm == pytest.approx(0.7)

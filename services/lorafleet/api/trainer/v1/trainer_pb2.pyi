@@ -248,7 +248,7 @@ class GetTrainerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "lora", "optimizer", "step", "parameter_count", "parameter_bytes", "optimizer_state_bytes")
+    __slots__ = ("adapter_id", "lora", "optimizer", "step", "parameter_count", "parameter_bytes", "optimizer_state_bytes", "pending_gradient_bytes")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +256,7 @@ class AdapterInfo(_message.Message):
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_GRADIENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     lora: _adapter_pb2.LoraSpec
     optimizer: OptimizerConfig
@@ -263,7 +264,8 @@ class AdapterInfo(_message.Message):
     parameter_count: int
     parameter_bytes: int
     optimizer_state_bytes: int
-    def __init__(self, adapter_id: _Optional[str] = ..., lora: _Optional[_Union[_adapter_pb2.LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., step: _Optional[int] = ..., parameter_count: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., optimizer_state_bytes: _Optional[int] = ...) -> None: ...
+    pending_gradient_bytes: int
+    def __init__(self, adapter_id: _Optional[str] = ..., lora: _Optional[_Union[_adapter_pb2.LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., step: _Optional[int] = ..., parameter_count: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., optimizer_state_bytes: _Optional[int] = ..., pending_gradient_bytes: _Optional[int] = ...) -> None: ...
 
 class GetTrainerStatusResponse(_message.Message):
     __slots__ = ("base_model", "slots_total", "slots_used", "max_rank", "adapters", "base_model_bytes", "process_memory_bytes")
