@@ -192,3 +192,41 @@ def test_merged_train_metrics_weigh_chunks_by_loss_tokens():
     assert merged.entropy == pytest.approx(1.25)
     assert (merged.num_loss_tokens, merged.num_sequences, merged.fused_batch_adapters) == (40, 4, 3)
     assert merged.grad_norm == pytest.approx(0.7)
+
+
+async def test_a_hog_holds_at_most_its_share_while_others_are_active():
+    gate = FairShareGate(budget_tokens=100)
+    release = asyncio.Event()
+    admitted: list[str] = []
+
+    async def work(exp: str, cost: int, weight: float = 1.0):
+        async with gate.admit(exp, cost, weight):
+            admitted.append(exp)
+            await release.wait()
+
+    # Alone, the hog may fill the whole budget.
+    hog = [asyncio.create_task(work("hog", 25)) for _ in range(4)]
+    await asyncio.sleep(0)
+    assert gate.in_flight_by["hog"] == 100
+    release.set()
+    await asyncio.gather(*hog)
+    release.clear()
+    # With a light experiment active, the hog is held to half of it, and the
+    # light request goes in at once instead of waiting for a hog chunk to end.
+    light = asyncio.create_task(work("light", 10))
+    await asyncio.sleep(0)
+    hog = [asyncio.create_task(work("hog", 25)) for _ in range(4)]
+    await asyncio.sleep(0)
+    assert gate.in_flight_by == {"light": 10, "hog": 50}
+    release.set()
+    await asyncio.gather(light, *hog)
+    assert gate.in_flight == 0 and not gate.in_flight_by
+    # Weights divide the budget: weight 3 against 1 may hold three quarters.
+    release.clear()
+    light = asyncio.create_task(work("light", 10))
+    await asyncio.sleep(0)
+    heavy = [asyncio.create_task(work("heavy", 25, weight=3.0)) for _ in range(4)]
+    await asyncio.sleep(0)
+    assert gate.in_flight_by["heavy"] == 75
+    release.set()
+    await asyncio.gather(light, *heavy)
