@@ -69,6 +69,7 @@ def make_engine(settings: RolloutSettings, model_path: str) -> Engine:
             max_num_seqs=settings.max_num_seqs,
             logprobs_mode=settings.logprobs_mode,
             health_check_interval_s=settings.health_check_interval_s,
+            spin_ms=settings.engine_spin_ms,
         )
     try:
         from lorafleet.rollout.torch_engine import (  # type: ignore[import-not-found]

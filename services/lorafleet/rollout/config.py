@@ -112,3 +112,11 @@ class RolloutSettings(ServiceSettings):
         gt=0,
         description="How often the engine is checked for death (then restarted).",
     )
+    engine_spin_ms: float | None = Field(
+        default=None,
+        ge=0.1,
+        description="How long vLLM's engine processes keep polling their shared-memory queue "
+        "after a message before sleeping until notified. Unset: 5 ms on CPU (vLLM's own "
+        "1000 ms keeps a core per process busy, which a CPU node's trainer needs), vLLM's "
+        "default on GPU.",
+    )

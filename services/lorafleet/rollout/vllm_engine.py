@@ -59,6 +59,7 @@ from lorafleet.rollout.types import (
     SamplingSpec,
     ScoreSequence,
 )
+from lorafleet.rollout.vllm_plugin import SPIN_ENV
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -73,6 +74,9 @@ log = structlog.get_logger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 CPU_DEFAULT_KV_CACHE_GIB = 0.5
 """KV cache on CPU when no size is configured."""
+CPU_DEFAULT_SPIN_MS = 5.0
+"""How long engine processes spin after a message on CPU (see
+lorafleet.rollout.vllm_plugin); vLLM's own one second holds a core per process."""
 GIB = 1024**3
 
 UNSUPPORTED_TARGETS = frozenset({"lm_head", "embed_tokens"})
@@ -112,6 +116,7 @@ class VllmEngine:
         max_num_seqs: int | None = None,
         logprobs_mode: str = "raw_logprobs",
         health_check_interval_s: float = 5.0,
+        spin_ms: float | None = None,
     ) -> None:
         self.model_path = model_path
         self._max_loras = max_loras
@@ -127,6 +132,7 @@ class VllmEngine:
         self._max_num_seqs = max_num_seqs
         self._logprobs_mode = logprobs_mode
         self._health_check_interval_s = health_check_interval_s
+        self._spin_ms = spin_ms
         self._llm: AsyncLLM | None = None
         self._tokenizer: Any = None
         self._vocab_size = 0
@@ -212,6 +218,13 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = self._engine_args()
+        spin_ms = self._spin_ms
+        if spin_ms is None and _on_cpu():
+            spin_ms = CPU_DEFAULT_SPIN_MS
+        if spin_ms is not None:
+            # Read by lorafleet.rollout.vllm_plugin in the engine processes, which
+            # inherit this process's environment when they start.
+            os.environ[SPIN_ENV] = f"{spin_ms:g}"
         started = time.perf_counter()
         # Built in a worker thread: the constructor blocks for the whole model load
         # (~20 s on 2 CPU cores), and the event loop must keep answering health

@@ -263,6 +263,27 @@ def test_status_reports_the_engine(node):
     assert status.process_memory_bytes > 100 * 2**20
 
 
+def test_engine_processes_sleep_between_batches(node):
+    """After a batch the engine core and worker go to sleep within milliseconds
+    (lorafleet.rollout.vllm_plugin) instead of spinning on their shared-memory
+    queue for vLLM's default second: on a CPU node that second of two busy
+    cores is the co-located trainer's."""
+    import psutil
+
+    engines = [psutil.Process(pid) for pid in node.engine_pids()]
+    assert len(engines) >= 2  # the engine core and its worker
+
+    def cpu_s():
+        return sum(sum(p.cpu_times()[:2]) for p in engines)
+
+    node.rollout.generate(PROMPTS, max_tokens=MAX_TOKENS)
+    time.sleep(0.05)
+    before = cpu_s()
+    time.sleep(1.0)
+    # Spinning, the two processes burn ~2 CPU-seconds in that second on 2 cores.
+    assert cpu_s() - before < 0.3
+
+
 def test_engine_failure_is_unavailable_then_restarted(node, solo):
     """Kill the engine core: requests answer UNAVAILABLE (never hang or
     INTERNAL), the engine comes back on its own, adapters reload."""
