@@ -12,6 +12,7 @@ fusing queue (waiting requests get UNAVAILABLE), then the registry channel.
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 
 import structlog
@@ -58,14 +59,23 @@ def resolve_model_path(model_path: str) -> tuple[str, str]:
     return str(ensure_tiny_model()), TINY_MODEL_NAME
 
 
+def default_torch_threads(device: str) -> int | None:
+    """Half the usable cores on a CPU device (the rollout engine has the rest);
+    None (torch's own choice) on an accelerator."""
+    if not device.startswith("cpu"):
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
 async def build_runtime(settings: TrainerSettings) -> TrainerRuntime:
     import torch
 
     from lorafleet.lora.engine import TrainEngine
     from lorafleet.lora.fusing import FusingQueue
 
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    threads = settings.torch_threads or default_torch_threads(settings.device)
+    if threads:
+        torch.set_num_threads(threads)
     model_path, default_name = await asyncio.to_thread(resolve_model_path, settings.model_path)
     engine = await asyncio.to_thread(
         TrainEngine.from_pretrained,
