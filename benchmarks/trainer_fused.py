@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     ap.add_argument("--micro-batch-tokens", type=int, default=0,
                     help="engine micro-batch size in padded tokens (0: engine default)")
+    ap.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
+                    help="micro-batches per request (on), mixed (off), or the engine's "
+                    "default for the device (auto: on for CPU)")
     ap.add_argument("--no-tune-allocator", action="store_true",
                     help="leave glibc malloc at its defaults (see lorafleet.lora.runtime)")
     args = ap.parse_args(argv)
@@ -125,8 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
     n_max = max(counts)
 
     model_dir, model_how = _model_dir(args.model_dir)
-    engine = TrainEngine.from_pretrained(model_dir, max_adapters=n_max, max_rank=args.rank,
-                                         micro_batch_tokens=args.micro_batch_tokens or None)
+    engine = TrainEngine.from_pretrained(
+        model_dir, max_adapters=n_max, max_rank=args.rank,
+        micro_batch_tokens=args.micro_batch_tokens or None,
+        batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant])
     vocab = engine.vocab_size
     names = [f"exp{i}" for i in range(n_max)]
     requests = {n: _request(n, vocab, args.seqs, args.tokens, seed=i) for i, n in enumerate(names)}
@@ -198,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "loss": "policy_gradient (importance ratio, clip 0.2)",
                        "optimizer": "AdamW per adapter"},
         "repeats": args.repeats,
+        "batch_invariant": engine.batch_invariant,
         "rows": rows,
         "memory_per_adapter": {
             "parameter_bytes": info.parameter_bytes,

@@ -140,7 +140,8 @@ class TrainEngine:
 
     def __init__(self, model: nn.Module, *, base_model: str = "", max_adapters: int = 8,
                  max_rank: int = 64, default_targets: Sequence[str] | None = None,
-                 micro_batch_tokens: int | None = None) -> None:
+                 micro_batch_tokens: int | None = None,
+                 batch_invariant: bool | None = None) -> None:
         self.lora = MultiLoraModel(model, max_adapters=max_adapters, max_rank=max_rank,
                                    default_targets=default_targets)
         self.model = model
@@ -151,6 +152,15 @@ class TrainEngine:
         self.micro_batch_tokens = micro_batch_tokens or (
             CPU_MICRO_BATCH_TOKENS if self.device.type == "cpu" else GPU_MICRO_BATCH_TOKENS)
         """Padded tokens per forward/backward inside one fused pass."""
+        self.batch_invariant = (self.device.type == "cpu" if batch_invariant is None
+                                else batch_invariant)
+        """Micro-batches never mix requests: each request's forward/backward runs on
+        exactly the rows, padding and kernel shapes it would get alone, so its update
+        is bit-identical to training it alone, whoever it shares the pass with. On
+        CPU that costs nothing (a pass's cost per token does not depend on how many
+        adapters share a micro-batch: 10.4k tokens/s for 1 and for 3 adapters, tiny
+        model, one thread); on GPUs mixed micro-batches fill the device, so it is off
+        there by default."""
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.RLock()
 
@@ -476,7 +486,7 @@ class TrainEngine:
         tokens_R_dev = tokens_R.to(dev)
         sums = {k: torch.zeros(R, dtype=torch.float64, device=dev)
                 for k in ("loss", "kl", "clip", "ent", "gap", "gap_tok")}
-        for lo, hi in self._micro_batches(host.lengths):
+        for lo, hi in self._pass_micro_batches(host):
             b = self._device_batch(host, lo, hi, req_is_pg, req_clip_low, req_clip_high,
                                    req_kl)
             stats = self._micro_batch_stats(b)
@@ -532,6 +542,17 @@ class TrainEngine:
             advantages_N=b.advantages_N, clip_low_N=b.clip_low_N, clip_high_N=b.clip_high_N,
             kl_coef_N=b.kl_coef_N, base_logprobs=base_lp,
         )
+
+    def _pass_micro_batches(self, host: _HostBatch) -> list[tuple[int, int]]:
+        """The row ranges of a fused pass: per request when ``batch_invariant``
+        (a request's rows are contiguous), else over the whole batch."""
+        if not self.batch_invariant:
+            return self._micro_batches(host.lengths)
+        out: list[tuple[int, int]] = []
+        starts = np.flatnonzero(np.diff(host.row_request, prepend=-1)).tolist()
+        for lo, hi in zip(starts, [*starts[1:], len(host.row_request)], strict=True):
+            out += [(lo + a, lo + b) for a, b in self._micro_batches(host.lengths[lo:hi])]
+        return out
 
     def _micro_batches(self, lengths: np.ndarray) -> list[tuple[int, int]]:
         """Consecutive row ranges whose padded size (rows x longest row) stays within

@@ -69,6 +69,12 @@ class TrainerSettings(ServiceSettings):
         "left over spin against the engine's (measured on 2 cores, 8 concurrent "
         "experiments: 2 threads 81.5 s, 1 thread 70.3 s; 1 experiment: no difference).",
     )
+    batch_invariant: bool | None = Field(
+        default=None,
+        description="Fused passes never put two requests in one micro-batch, so every "
+        "adapter's update is bit-identical to training it alone. Unset: on for a CPU "
+        "device (free there), off on GPUs (mixed micro-batches fill the device).",
+    )
     node_id: str = Field(
         default="local",
         description="This node's id, as the registry's file_roots names it: CreateAdapter "

@@ -46,15 +46,17 @@ def _request(name: str, seed: int, n: int, lengths: tuple[int, int], loss: LossC
     return TrainRequest(name, tuple(samples), loss, request_id=f"req-{name}-{seed}")
 
 
-VARIANTS = ["stacked", "grouped", "micro_batched"]
+VARIANTS = ["stacked", "grouped", "micro_batched", "batch_invariant"]
 
 
 def _make_engine(llama_dir, variant: str = "auto") -> TrainEngine:
     # Every way a fused pass can combine adapters must give the same gradients:
-    # stacked matmuls, grouped per-adapter matmuls, and a pass split into
-    # micro-batches that cut through requests (64 tokens: a few rows each).
+    # stacked matmuls, grouped per-adapter matmuls, a pass split into
+    # micro-batches that cut through requests (64 tokens: a few rows each), and
+    # micro-batches that never mix requests (bit-identical to alone).
     eng = TrainEngine.from_pretrained(
-        llama_dir, micro_batch_tokens=64 if variant == "micro_batched" else None)
+        llama_dir, micro_batch_tokens=64 if variant == "micro_batched" else None,
+        batch_invariant=variant == "batch_invariant")
     eng.lora.state.strategy = {"stacked": "stacked", "grouped": "grouped"}.get(variant, "auto")
     g = torch.Generator().manual_seed(7)
     for i, (name, spec) in enumerate(SPECS.items()):
@@ -107,6 +109,9 @@ def test_fused_gradients_equal_separate(llama_dir, variant):
         grads = _grads(engine, req.adapter)
         assert all(g is not None and g.abs().max() > 0 for g in grads)
         assert _max_diff(fused_grads[req.adapter], grads) < GRAD_TOL
+        if variant == "batch_invariant":
+            assert all(torch.equal(f, a) for f, a in zip(fused_grads[req.adapter], grads,
+                                                          strict=True))
         for field in ("loss", "kl", "clip_fraction", "entropy", "logprob_gap", "grad_norm"):
             assert math.isclose(getattr(fused_res.metrics, field), getattr(alone.metrics, field),
                                 rel_tol=1e-4, abs_tol=1e-6), field
