@@ -9,6 +9,7 @@ them into the trainer's own settings, which the node wires unchanged.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -39,8 +40,13 @@ class NodeSettings(ServiceSettings):
     torch_threads: int = Field(
         default=0,
         ge=0,
-        description="torch intra-op threads; 0 = torch's default (one per core). Rollout and "
-        "training take turns on the model (one lock), so they never compete for them.",
+        description="torch intra-op threads; 0 = every core this process may use. Rollout "
+        "and training take turns on the model (one lock), so they never compete for them.",
+    )
+    batch_invariant: bool | None = Field(
+        default=None,
+        description="Fused train passes never put two requests in one micro-batch (each "
+        "update bit-identical to training the adapter alone). Unset: on for a CPU device.",
     )
     # -- mesh --------------------------------------------------------------------------
     node_id: str = Field(
@@ -152,5 +158,9 @@ class NodeSettings(ServiceSettings):
         values: dict[str, object] = {
             name: getattr(self, name) for name in TrainerSettings.model_fields if name in mine
         }
+        if not self.torch_threads:
+            # The trainer's own 0 leaves half the cores to a separate rollout engine;
+            # here the rollout shares the model and takes turns with training.
+            values["torch_threads"] = len(os.sched_getaffinity(0))
         values.update(overrides)
         return TrainerSettings(**values)

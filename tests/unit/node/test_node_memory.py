@@ -226,3 +226,14 @@ def test_serve_knows_the_node():
     settings_path, build_path = SERVICES["node"]
     assert _load(settings_path) is NodeSettings
     assert callable(_load(build_path))
+
+
+def test_node_trainer_uses_every_core_by_default():
+    # Unlike a trainer beside a separate vLLM engine (half the cores), the node's
+    # rollout takes turns with training on one model.
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert NodeSettings(node_id="n").trainer_settings(model_path="/m").torch_threads == cores
+    explicit = NodeSettings(node_id="n", torch_threads=3).trainer_settings(model_path="/m")
+    assert explicit.torch_threads == 3
