@@ -9,14 +9,13 @@ them into the trainer's own settings, which the node wires unchanged.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from lorafleet.core.config import ServiceSettings
-from lorafleet.trainer.config import TrainerSettings
+from lorafleet.trainer.config import TrainerSettings, usable_cores
 
 
 class NodeSettings(ServiceSettings):
@@ -161,6 +160,6 @@ class NodeSettings(ServiceSettings):
         if not self.torch_threads:
             # The trainer's own 0 leaves half the cores to a separate rollout engine;
             # here the rollout shares the model and takes turns with training.
-            values["torch_threads"] = len(os.sched_getaffinity(0))
+            values["torch_threads"] = usable_cores()
         values.update(overrides)
         return TrainerSettings(**values)

@@ -12,7 +12,6 @@ fusing queue (waiting requests get UNAVAILABLE), then the registry channel.
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 
 import structlog
@@ -22,7 +21,7 @@ from lorafleet.core.app import ServiceApp
 from lorafleet.core.config import ConfigError
 from lorafleet.core.idempotency import InMemoryIdempotencyStore
 from lorafleet.trainer import metrics as trainer_metrics
-from lorafleet.trainer.config import TrainerSettings
+from lorafleet.trainer.config import TrainerSettings, usable_cores
 from lorafleet.trainer.servicer import TrainerServicer, servicer_binding
 from lorafleet.trainer.storage import AdapterCache, StateStore
 
@@ -64,7 +63,7 @@ def default_torch_threads(device: str) -> int | None:
     None (torch's own choice) on an accelerator."""
     if not device.startswith("cpu"):
         return None
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+    return max(1, usable_cores() // 2)
 
 
 async def build_runtime(settings: TrainerSettings) -> TrainerRuntime:

@@ -25,6 +25,7 @@ ResolveVersion prefer this node's ``file://`` copy.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -141,3 +142,10 @@ class TrainerSettings(ServiceSettings):
         if self.state_dir:
             return Path(self.state_dir).expanduser().absolute()
         return self.cache_path / STATE_SUBDIR
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity where the OS has one."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
