@@ -519,39 +519,33 @@ class ExperimentRunner:
         )
         chunks = train_chunks(batch.samples, gate.budget // TRAIN_CHUNKS_PER_BUDGET)
         if len(chunks) == 1:
-            tokens = sum(sample_tokens(s) for s in batch.samples)
-            async with gate.admit(self.exp, tokens, self.spec.weight) as waited:
-                started = time.monotonic()
-                trained = await self._trainer(
-                    "TrainStep",
-                    trainer_pb2.TrainStepRequest(
-                        request_id=self._rid("train", batch.step),
-                        adapter_id=rec.adapter_id,
-                        samples=batch.samples,
-                        loss=loss,
-                        learning_rate=self.algo.learning_rate,
-                    ),
-                )
-                return trained.metrics, (time.monotonic() - started) * 1000, waited
+            trained, train_ms, waited_ms = await self._admitted_train_call(
+                "TrainStep",
+                trainer_pb2.TrainStepRequest(
+                    request_id=self._rid("train", batch.step),
+                    adapter_id=rec.adapter_id,
+                    samples=batch.samples,
+                    loss=loss,
+                    learning_rate=self.algo.learning_rate,
+                ),
+            )
+            return trained.metrics, train_ms, waited_ms
         step_loss_tokens = sum(loss_tokens(s) for s in batch.samples)
         parts: list[metrics_pb2.TrainMetrics] = []
         train_ms = waited_ms = 0.0
         for index, chunk in enumerate(chunks):
             samples, chunk_loss = scaled_chunk(chunk, loss, step_loss_tokens)
-            tokens = sum(sample_tokens(s) for s in chunk)
-            async with gate.admit(self.exp, tokens, self.spec.weight) as waited:
-                started = time.monotonic()
-                answer = await self._trainer(
-                    "ForwardBackward",
-                    trainer_pb2.ForwardBackwardRequest(
-                        request_id=self._rid(f"forward-backward-{index}", batch.step),
-                        adapter_id=rec.adapter_id,
-                        samples=samples,
-                        loss=chunk_loss,
-                    ),
-                )
-                train_ms += (time.monotonic() - started) * 1000
-                waited_ms += waited
+            answer, ms, waited = await self._admitted_train_call(
+                "ForwardBackward",
+                trainer_pb2.ForwardBackwardRequest(
+                    request_id=self._rid(f"forward-backward-{index}", batch.step),
+                    adapter_id=rec.adapter_id,
+                    samples=samples,
+                    loss=chunk_loss,
+                ),
+            )
+            train_ms += ms
+            waited_ms += waited
             parts.append(answer.metrics)
         started = time.monotonic()
         stepped = await self._trainer(
@@ -564,6 +558,16 @@ class ExperimentRunner:
         )
         train_ms += (time.monotonic() - started) * 1000
         return merge_train_metrics(parts, stepped.grad_norm), train_ms, waited_ms
+
+    async def _admitted_train_call(self, method: str, request):  # type: ignore[no-untyped-def]
+        """A trainer call carrying samples, admitted through the node's train gate
+        at their token count. Returns the answer, the trainer time and the
+        fair-share wait, in milliseconds."""
+        tokens = sum(sample_tokens(s) for s in request.samples)
+        async with self.node.train_gate.admit(self.exp, tokens, self.spec.weight) as waited:
+            started = time.monotonic()
+            answer = await self._trainer(method, request)
+            return answer, (time.monotonic() - started) * 1000, waited
 
     async def _checkpoint_now(self) -> None:
         """Save state at the last completed step (before giving the slot back)."""
