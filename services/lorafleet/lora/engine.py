@@ -133,6 +133,7 @@ class _Batch:
     clip_low_N: torch.Tensor
     clip_high_N: torch.Tensor
     kl_coef_N: torch.Tensor
+    on_policy_N: torch.Tensor
 
 
 class TrainEngine:
@@ -483,12 +484,13 @@ class TrainEngine:
         req_clip_low = torch.tensor([r.loss.clip_low for r in reqs], dtype=torch.float32)
         req_clip_high = torch.tensor([r.loss.clip_high for r in reqs], dtype=torch.float32)
         req_kl = torch.tensor([r.loss.kl_coef for r in reqs], dtype=torch.float32)
+        req_on_policy = torch.tensor([r.loss.on_policy for r in reqs])
         tokens_R_dev = tokens_R.to(dev)
         sums = {k: torch.zeros(R, dtype=torch.float64, device=dev)
                 for k in ("loss", "kl", "clip", "ent", "gap", "gap_tok")}
         for lo, hi in self._pass_micro_batches(host):
             b = self._device_batch(host, lo, hi, req_is_pg, req_clip_low, req_clip_high,
-                                   req_kl)
+                                   req_kl, req_on_policy)
             stats = self._micro_batch_stats(b)
             # Each request's loss is its own token mean; the fused loss sums them.
             weighted = stats.loss * request_weights(b.row_request_N, tokens_R_dev).unsqueeze(-1)
@@ -540,7 +542,7 @@ class TrainEngine:
             logprobs=lp, entropy=ent, mask=b.mask_N_L, is_policy_gradient_N=b.is_pg_N,
             sampling_logprobs=b.sampling_logprobs_N_L, has_sampling_logprobs_N=b.has_sampling_N,
             advantages_N=b.advantages_N, clip_low_N=b.clip_low_N, clip_high_N=b.clip_high_N,
-            kl_coef_N=b.kl_coef_N, base_logprobs=base_lp,
+            kl_coef_N=b.kl_coef_N, base_logprobs=base_lp, on_policy_N=b.on_policy_N,
         )
 
     def _pass_micro_batches(self, host: _HostBatch) -> list[tuple[int, int]]:
@@ -569,7 +571,11 @@ class TrainEngine:
         return out
 
     def _build_host_batch(self, reqs: list[TrainRequest]) -> _HostBatch:
-        rows = [(ri, s) for ri, r in enumerate(reqs) for s in r.samples]
+        # Each request's rows shortest first: micro-batches are padded to their own
+        # longest row, so neighbours of similar length waste little padding. A
+        # request's gradient is a sum over its rows; their order is free.
+        rows = [(ri, s) for ri, r in enumerate(reqs)
+                for s in sorted(r.samples, key=lambda s: len(s.sequence.token_ids))]
         N = len(rows)
         T = max(len(s.sequence.token_ids) for _, s in rows)
         # Built in numpy (one tensor per field at the end, not small ops per row).
@@ -595,8 +601,8 @@ class TrainEngine:
                           [reqs[ri].adapter for ri, _ in rows])
 
     def _device_batch(self, h: _HostBatch, lo: int, hi: int, is_pg: torch.Tensor,
-                      clip_low: torch.Tensor, clip_high: torch.Tensor, kl: torch.Tensor
-                      ) -> _Batch:
+                      clip_low: torch.Tensor, clip_high: torch.Tensor, kl: torch.Tensor,
+                      on_policy: torch.Tensor) -> _Batch:
         T = int(h.lengths[lo:hi].max())
         dev = self.device
         rr = torch.from_numpy(h.row_request[lo:hi])
@@ -616,6 +622,7 @@ class TrainEngine:
             clip_low_N=clip_low[rr].to(dev),
             clip_high_N=clip_high[rr].to(dev),
             kl_coef_N=kl[rr].to(dev),
+            on_policy_N=on_policy[rr].to(dev),
         )
 
     def _validate_train_request(self, req: TrainRequest) -> LorafleetError | None:

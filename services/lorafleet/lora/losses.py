@@ -6,7 +6,8 @@ which every request has its own loss kind, clip range and KL weight; the engine
 then normalises each request by its own token count (see :func:`request_weights`).
 
 Conventions:
-- policy gradient: ratio = exp(logp - sampling_logp); per-token loss
+- policy gradient: ratio = exp(logp - sampling_logp) (sampling_logp = logp,
+  detached, for on-policy rows); per-token loss
   max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)) (PPO / GRPO,
   token-level as in DAPO's token-mean). No extra clamp on the ratio: a runaway
   ratio gives a non-finite gradient, and the adapter's optimizer then skips the
@@ -101,11 +102,20 @@ def fused_token_stats(
     clip_high_N: torch.Tensor,
     kl_coef_N: torch.Tensor,
     base_logprobs: torch.Tensor | None,
+    on_policy_N: torch.Tensor | None = None,
 ) -> TokenStats:
-    """Per-token loss and metrics for rows that each carry their own loss settings."""
+    """Per-token loss and metrics for rows that each carry their own loss settings.
+
+    Rows marked ``on_policy_N`` take the behaviour policy of the importance ratio
+    from ``logprobs`` itself (detached): ratio exactly 1, gradient -A * grad logp,
+    whatever the engine's sampling logprobs say. Those still feed ``logprob_gap``.
+    """
     zero = torch.zeros_like(logprobs)
+    behaviour = sampling_logprobs
+    if on_policy_N is not None:
+        behaviour = torch.where(on_policy_N.unsqueeze(-1), logprobs.detach(), sampling_logprobs)
     pg, clipped = policy_gradient_token_loss(
-        logprobs, sampling_logprobs, advantages_N, clip_low_N, clip_high_N, mask
+        logprobs, behaviour, advantages_N, clip_low_N, clip_high_N, mask
     )
     ce = cross_entropy_token_loss(logprobs)
     is_pg = is_policy_gradient_N.unsqueeze(-1)

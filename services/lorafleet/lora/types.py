@@ -78,6 +78,10 @@ class LossConfig:
     kl_coef: float = 0.0
     """Weight of the k3 KL estimate to the base model (the same model with the
     adapter off); 0 skips the extra no-grad forward pass."""
+    on_policy: bool = False
+    """The samples came from the very weights being trained: the importance
+    ratio uses the trainer's own (detached) logprobs, so it is exactly 1; the
+    sampling logprobs only feed ``logprob_gap``."""
 
 
 @dataclass(frozen=True)

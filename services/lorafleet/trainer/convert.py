@@ -94,6 +94,7 @@ def loss_from_pb(loss: pb.LossConfig) -> LossConfig:
         clip_low=loss.clip_low or DEFAULT_CLIP,
         clip_high=loss.clip_high or DEFAULT_CLIP,
         kl_coef=loss.kl_coef,
+        on_policy=loss.on_policy,
     )
 
 

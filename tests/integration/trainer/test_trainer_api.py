@@ -232,6 +232,43 @@ async def test_scaled_chunks_then_one_optim_step_equal_one_train_step(trainer):
     assert all(a.pending_gradient_bytes == 0 for a in (await client.status()).adapters)
 
 
+async def test_on_policy_update_ignores_the_engines_logprob_rounding(trainer):
+    """With on_policy the importance ratio comes from the trainer's own logprobs:
+    the same tokens give the same update whatever sampling logprobs came with
+    them; without it the engine's logprobs weigh the update (and here differ)."""
+    from lorafleet.api.trainer.v1 import trainer_pb2
+
+    client = trainer.client
+    samples = random_samples(random.Random(13), 6)
+    nudged = []
+    for s in samples:
+        copy = trainer_pb2.TrainSample()
+        copy.CopyFrom(s)
+        copy.sampling_logprobs[:] = [x + 0.25 * ((i % 3) - 1) for i, x in
+                                     enumerate(s.sampling_logprobs)]
+        nudged.append(copy)
+
+    async def train_both(on_policy: bool):
+        loss = trainer_pb2.LossConfig(kind=trainer_pb2.LOSS_KIND_POLICY_GRADIENT,
+                                      on_policy=on_policy)
+        out = []
+        for name, batch in (("a", samples), ("b", nudged)):
+            await client.create_adapter(name, lora=LORA_8, optimizer=OPT, seed=2)
+            metrics = (await client.train_step(name, batch, loss=loss)).metrics
+            out.append((metrics, await client.compute_logprobs(PROBE, adapter_id=name)))
+        for name in ("a", "b"):
+            await client.drop_adapter(name)
+        return out
+
+    (on_a, on_a_lp), (on_b, on_b_lp) = await train_both(on_policy=True)
+    assert (on_a.loss, on_a.grad_norm) == (on_b.loss, on_b.grad_norm)
+    assert on_a_lp == on_b_lp
+    assert on_a.clip_fraction == 0.0
+    assert on_a.logprob_gap != on_b.logprob_gap  # the engine's logprobs still feed the gap
+    (off_a, _), (off_b, _) = await train_both(on_policy=False)
+    assert off_a.grad_norm != off_b.grad_norm
+
+
 async def test_save_and_load_state(trainer):
     client = trainer.client
     await client.create_adapter("exp", lora=LORA_4, optimizer=OPT)

@@ -37,16 +37,18 @@ class OptimizerConfig(_message.Message):
     def __init__(self, learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class LossConfig(_message.Message):
-    __slots__ = ("kind", "clip_low", "clip_high", "kl_coef")
+    __slots__ = ("kind", "clip_low", "clip_high", "kl_coef", "on_policy")
     KIND_FIELD_NUMBER: _ClassVar[int]
     CLIP_LOW_FIELD_NUMBER: _ClassVar[int]
     CLIP_HIGH_FIELD_NUMBER: _ClassVar[int]
     KL_COEF_FIELD_NUMBER: _ClassVar[int]
+    ON_POLICY_FIELD_NUMBER: _ClassVar[int]
     kind: LossKind
     clip_low: float
     clip_high: float
     kl_coef: float
-    def __init__(self, kind: _Optional[_Union[LossKind, str]] = ..., clip_low: _Optional[float] = ..., clip_high: _Optional[float] = ..., kl_coef: _Optional[float] = ...) -> None: ...
+    on_policy: bool
+    def __init__(self, kind: _Optional[_Union[LossKind, str]] = ..., clip_low: _Optional[float] = ..., clip_high: _Optional[float] = ..., kl_coef: _Optional[float] = ..., on_policy: _Optional[bool] = ...) -> None: ...
 
 class TrainSample(_message.Message):
     __slots__ = ("sequence", "sampling_logprobs", "advantage", "policy_version")
