@@ -14,6 +14,10 @@ and KL coefficient are scaled by (its loss tokens / the step's loss tokens),
 which makes the sum of the chunks' gradients the whole batch's token-mean
 gradient. The scale is positive, so PPO clipping decides exactly as it would
 unchunked.
+
+Samples whose advantage is 0 are not sent at all when the loss has no KL term
+(:func:`drop_zero_advantage`): their gradient is exactly zero, and the same
+scaling keeps the update of the whole batch.
 """
 
 from __future__ import annotations
@@ -91,6 +95,34 @@ def scaled_chunk(
     chunk_loss.CopyFrom(loss)
     chunk_loss.kl_coef = loss.kl_coef * share
     return scaled, chunk_loss
+
+
+def drop_zero_advantage(
+    samples: Sequence[trainer_pb2.TrainSample], *, kl_coef: float
+) -> tuple[list[trainer_pb2.TrainSample], int]:
+    """The samples that carry a gradient, scaled so that training on them alone
+    makes exactly the update of the whole batch; and how many were left out.
+
+    Under the policy-gradient loss a sample with advantage 0 has per-token loss
+    -0 * ratio: zero, and so is its gradient (GRPO gives a whole group advantage 0
+    when its rewards are all equal, e.g. every sample correct). Its only effect is
+    through the trainer's token mean, whose denominator counts its tokens; scaling
+    the kept samples' advantages by (kept loss tokens / all loss tokens) restores
+    that denominator (the same scaling as :func:`scaled_chunk`). With a KL term
+    every sample has a gradient, so nothing is dropped. When every advantage is 0
+    the shortest sample stays: its gradient is exactly zero, and the optimizer
+    still takes the step it would have taken (AdamW moves on its moments).
+    """
+    if kl_coef != 0 or not samples:
+        return list(samples), 0
+    kept = [s for s in samples if s.advantage != 0.0]
+    if len(kept) == len(samples):
+        return list(samples), 0
+    if not kept:
+        kept = [min(samples, key=sample_tokens)]
+    total = sum(loss_tokens(s) for s in samples)
+    scaled, _ = scaled_chunk(kept, trainer_pb2.LossConfig(), total)
+    return scaled, len(samples) - len(kept)
 
 
 def merge_train_metrics(

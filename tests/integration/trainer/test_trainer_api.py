@@ -232,6 +232,38 @@ async def test_scaled_chunks_then_one_optim_step_equal_one_train_step(trainer):
     assert all(a.pending_gradient_bytes == 0 for a in (await client.status()).adapters)
 
 
+async def test_dropping_zero_advantage_samples_keeps_the_update(trainer):
+    """The scheduler leaves samples with advantage 0 out of training
+    (lorafleet.scheduler.batching.drop_zero_advantage): the rescaled rest must
+    land on the same weights as the whole batch."""
+    from lorafleet.scheduler.batching import drop_zero_advantage
+
+    client = trainer.client
+    for name in ("kept", "whole"):
+        await client.create_adapter(name, lora=LORA_8, optimizer=OPT, seed=5)
+    rng = random.Random(11)
+    samples = random_samples(rng, 3, completion=4) + random_samples(rng, 5, completion=8)
+    for s in samples[1::2]:
+        s.advantage = 0.0
+    kept, dropped = drop_zero_advantage(samples, kl_coef=0.0)
+    assert dropped == 4
+    trained = await client.train_step("kept", kept)
+    whole = await client.train_step("whole", samples)
+    assert trained.metrics.num_sequences == 4 and whole.metrics.num_sequences == 8
+    assert trained.metrics.loss == pytest.approx(whole.metrics.loss, abs=1e-6)
+    assert trained.metrics.grad_norm == pytest.approx(whole.metrics.grad_norm, rel=1e-5)
+    kept_lp = await client.compute_logprobs(PROBE, adapter_id="kept")
+    whole_lp = await client.compute_logprobs(PROBE, adapter_id="whole")
+    base_lp = await client.compute_logprobs(PROBE)
+    flat = [
+        (x, y, z)
+        for a, b, c in zip(kept_lp, whole_lp, base_lp, strict=True)
+        for x, y, z in zip(a, b, c, strict=True)
+    ]
+    assert max(abs(x - y) for x, y, _ in flat) < 1e-6
+    assert max(abs(x - z) for x, _, z in flat) > 1e-4  # training moved it off the base
+
+
 async def test_on_policy_update_ignores_the_engines_logprob_rounding(trainer):
     """With on_policy the importance ratio comes from the trainer's own logprobs:
     the same tokens give the same update whatever sampling logprobs came with

@@ -177,6 +177,26 @@ def test_scaled_chunks_sum_to_the_whole_step():
         scaled_chunk(chunks[0], sft, 15)
 
 
+def test_zero_advantage_samples_are_dropped_and_the_rest_rescaled():
+    from lorafleet.scheduler.batching import drop_zero_advantage, loss_tokens
+
+    samples = [_train_sample(3, n, advantage=a) for n, a in ((2, 1.0), (8, 0.0), (5, -2.0))]
+    kept, dropped = drop_zero_advantage(samples, kl_coef=0.0)
+    assert dropped == 1 and [loss_tokens(s) for s in kept] == [2, 5]
+    # The trainer divides by the kept 7 loss tokens; the whole batch had 15.
+    assert [s.advantage for s in kept] == pytest.approx([7 / 15, -2.0 * 7 / 15])
+    assert samples[0].advantage == 1.0  # the caller's samples are untouched
+    # A KL term gives every sample a gradient: nothing is dropped.
+    assert drop_zero_advantage(samples, kl_coef=0.1) == (samples, 0)
+    # Nothing to drop: the very same samples.
+    kept, dropped = drop_zero_advantage(samples[:1], kl_coef=0.0)
+    assert dropped == 0 and kept[0] is samples[0]
+    # All zero: the shortest stays, so the optimizer still steps (on a zero gradient).
+    flat = [_train_sample(3, n, advantage=0.0) for n in (6, 2, 9)]
+    kept, dropped = drop_zero_advantage(flat, kl_coef=0.0)
+    assert dropped == 2 and [loss_tokens(s) for s in kept] == [2] and kept[0].advantage == 0.0
+
+
 def test_merged_train_metrics_weigh_chunks_by_loss_tokens():
     from lorafleet.api.common.v1 import metrics_pb2
     from lorafleet.scheduler.batching import merge_train_metrics

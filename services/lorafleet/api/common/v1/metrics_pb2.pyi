@@ -45,7 +45,7 @@ class PhaseTimes(_message.Message):
     def __init__(self, rollout_ms: _Optional[float] = ..., reward_ms: _Optional[float] = ..., train_ms: _Optional[float] = ..., publish_ms: _Optional[float] = ..., queue_wait_ms: _Optional[float] = ..., step_ms: _Optional[float] = ...) -> None: ...
 
 class StepMetrics(_message.Message):
-    __slots__ = ("step", "adapter_version", "min_policy_version", "reward_mean", "reward_std", "accuracy", "train", "times", "rollout_tokens", "eval_accuracy")
+    __slots__ = ("step", "adapter_version", "min_policy_version", "reward_mean", "reward_std", "accuracy", "train", "times", "rollout_tokens", "eval_accuracy", "zero_advantage_sequences")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MIN_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class StepMetrics(_message.Message):
     TIMES_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ZERO_ADVANTAGE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     step: int
     adapter_version: int
     min_policy_version: int
@@ -66,4 +67,5 @@ class StepMetrics(_message.Message):
     times: PhaseTimes
     rollout_tokens: int
     eval_accuracy: float
-    def __init__(self, step: _Optional[int] = ..., adapter_version: _Optional[int] = ..., min_policy_version: _Optional[int] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., accuracy: _Optional[float] = ..., train: _Optional[_Union[TrainMetrics, _Mapping]] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., rollout_tokens: _Optional[int] = ..., eval_accuracy: _Optional[float] = ...) -> None: ...
+    zero_advantage_sequences: int
+    def __init__(self, step: _Optional[int] = ..., adapter_version: _Optional[int] = ..., min_policy_version: _Optional[int] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., accuracy: _Optional[float] = ..., train: _Optional[_Union[TrainMetrics, _Mapping]] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., rollout_tokens: _Optional[int] = ..., eval_accuracy: _Optional[float] = ..., zero_advantage_sequences: _Optional[int] = ...) -> None: ...
