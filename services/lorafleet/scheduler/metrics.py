@@ -73,6 +73,12 @@ ROLLOUT_TOKENS = Counter(
     "lorafleet_experiment_rollout_tokens_total", "Tokens generated for the experiment.",
     ["experiment"],
 )
+ZERO_ADVANTAGE_SAMPLES = Counter(
+    "lorafleet_experiment_zero_advantage_samples_total",
+    "Samples left out of training because their advantage was 0 (e.g. a group "
+    "whose rewards were all equal): they carry no learning signal.",
+    ["experiment"],
+)
 STEP_SECONDS = Histogram(
     "lorafleet_experiment_step_seconds", "Wall time of one RL step.", ["experiment"],
     buckets=_STEP_BUCKETS,
@@ -102,7 +108,7 @@ FINISHED = Counter(
 
 _PER_EXPERIMENT = (
     STEPS, REWARD_MEAN, REWARD_STD, ACCURACY, EVAL_ACCURACY, ADAPTER_VERSION, POLICY_LAG,
-    ROLLOUT_TOKENS, STEP_SECONDS, QUEUE_WAIT_SECONDS,
+    ROLLOUT_TOKENS, ZERO_ADVANTAGE_SAMPLES, STEP_SECONDS, QUEUE_WAIT_SECONDS,
 )
 
 
@@ -162,6 +168,8 @@ class SchedulerMetrics:
             EVAL_ACCURACY.labels(e).set(m.eval_accuracy)
         if m.rollout_tokens:
             ROLLOUT_TOKENS.labels(e).inc(m.rollout_tokens)
+        if m.zero_advantage_sequences:
+            ZERO_ADVANTAGE_SAMPLES.labels(e).inc(m.zero_advantage_sequences)
         # A step adopted after a crash is rebuilt from the registry without
         # timings: counting zeros would drag every latency down.
         if m.HasField("times") and m.times.step_ms > 0:

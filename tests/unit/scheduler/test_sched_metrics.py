@@ -51,6 +51,7 @@ def _step(step: int, *, timed: bool = True, eval_accuracy: float | None = None):
         reward_std=0.1,
         accuracy=0.5,
         rollout_tokens=100,
+        zero_advantage_sequences=3,
     )
     if timed:
         m.times.CopyFrom(
@@ -75,6 +76,7 @@ def test_steps_become_per_experiment_series(sched):
     assert value("lorafleet_experiment_adapter_version", experiment=e) == 2
     assert value("lorafleet_experiment_policy_lag_versions", experiment=e) == 1
     assert value("lorafleet_experiment_rollout_tokens_total", experiment=e) == 200
+    assert value("lorafleet_experiment_zero_advantage_samples_total", experiment=e) == 6
     assert value("lorafleet_experiment_step_seconds_count", experiment=e) == 2
     assert value("lorafleet_experiment_step_seconds_sum", experiment=e) == pytest.approx(1.08)
     assert value("lorafleet_experiment_queue_wait_seconds_sum", experiment=e) == pytest.approx(
