@@ -85,16 +85,24 @@ def scaled_chunk(
     if loss.kind not in (trainer_pb2.LOSS_KIND_UNSPECIFIED, trainer_pb2.LOSS_KIND_POLICY_GRADIENT):
         raise ValueError("only a policy-gradient loss can be split into scaled chunks")
     share = sum(loss_tokens(s) for s in chunk) / max(step_loss_tokens, 1)
+    chunk_loss = trainer_pb2.LossConfig()
+    chunk_loss.CopyFrom(loss)
+    chunk_loss.kl_coef = loss.kl_coef * share
+    return _with_scaled_advantages(chunk, share), chunk_loss
+
+
+def _with_scaled_advantages(
+    samples: Sequence[trainer_pb2.TrainSample], share: float
+) -> list[trainer_pb2.TrainSample]:
+    """Copies of ``samples`` with their advantages times ``share`` (the caller's
+    samples stay untouched)."""
     scaled = []
-    for sample in chunk:
+    for sample in samples:
         copy = trainer_pb2.TrainSample()
         copy.CopyFrom(sample)
         copy.advantage = sample.advantage * share
         scaled.append(copy)
-    chunk_loss = trainer_pb2.LossConfig()
-    chunk_loss.CopyFrom(loss)
-    chunk_loss.kl_coef = loss.kl_coef * share
-    return scaled, chunk_loss
+    return scaled
 
 
 def drop_zero_advantage(
@@ -120,9 +128,8 @@ def drop_zero_advantage(
         return list(samples), 0
     if not kept:
         kept = [min(samples, key=sample_tokens)]
-    total = sum(loss_tokens(s) for s in samples)
-    scaled, _ = scaled_chunk(kept, trainer_pb2.LossConfig(), total)
-    return scaled, len(samples) - len(kept)
+    share = sum(loss_tokens(s) for s in kept) / max(sum(loss_tokens(s) for s in samples), 1)
+    return _with_scaled_advantages(kept, share), len(samples) - len(kept)
 
 
 def merge_train_metrics(

@@ -170,6 +170,20 @@ async def test_replayed_request_id_does_not_train_twice(trainer):
     assert second.step == 2
 
 
+async def logprob_distances(client, first: str, second: str) -> tuple[float, float]:
+    """Largest |difference| of PROBE's logprobs between two adapters, and between
+    the first adapter and the base model."""
+    a = await client.compute_logprobs(PROBE, adapter_id=first)
+    b = await client.compute_logprobs(PROBE, adapter_id=second)
+    base = await client.compute_logprobs(PROBE)
+    flat = [
+        (x, y, z)
+        for s, t, u in zip(a, b, base, strict=True)
+        for x, y, z in zip(s, t, u, strict=True)
+    ]
+    return max(abs(x - y) for x, y, _ in flat), max(abs(x - z) for x, _, z in flat)
+
+
 async def test_forward_backward_then_optim_step_equals_train_step(trainer):
     client = trainer.client
     for name in ("split", "joint"):
@@ -183,16 +197,9 @@ async def test_forward_backward_then_optim_step_equals_train_step(trainer):
     assert opt.step == 1 and opt.applied
     joint = await client.train_step("joint", samples)
     assert joint.metrics.loss == pytest.approx(fb.metrics.loss, abs=1e-6)
-    split_lp = await client.compute_logprobs(PROBE, adapter_id="split")
-    joint_lp = await client.compute_logprobs(PROBE, adapter_id="joint")
-    base_lp = await client.compute_logprobs(PROBE)
-    flat = [
-        (x, y, z)
-        for s, t, u in zip(split_lp, joint_lp, base_lp, strict=True)
-        for x, y, z in zip(s, t, u, strict=True)
-    ]
-    assert max(abs(x - y) for x, y, _ in flat) < 1e-6
-    assert max(abs(x - z) for x, _, z in flat) > 1e-4  # training moved it off the base
+    apart, off_base = await logprob_distances(client, "split", "joint")
+    assert apart < 1e-6
+    assert off_base > 1e-4  # training moved it off the base
     # No gradient accumulated: the step is skipped, nothing changes.
     skipped = await client.optim_step("split")
     assert (skipped.step, skipped.applied) == (1, False)
@@ -252,16 +259,9 @@ async def test_dropping_zero_advantage_samples_keeps_the_update(trainer):
     assert trained.metrics.num_sequences == 4 and whole.metrics.num_sequences == 8
     assert trained.metrics.loss == pytest.approx(whole.metrics.loss, abs=1e-6)
     assert trained.metrics.grad_norm == pytest.approx(whole.metrics.grad_norm, rel=1e-5)
-    kept_lp = await client.compute_logprobs(PROBE, adapter_id="kept")
-    whole_lp = await client.compute_logprobs(PROBE, adapter_id="whole")
-    base_lp = await client.compute_logprobs(PROBE)
-    flat = [
-        (x, y, z)
-        for a, b, c in zip(kept_lp, whole_lp, base_lp, strict=True)
-        for x, y, z in zip(a, b, c, strict=True)
-    ]
-    assert max(abs(x - y) for x, y, _ in flat) < 1e-6
-    assert max(abs(x - z) for x, _, z in flat) > 1e-4  # training moved it off the base
+    apart, off_base = await logprob_distances(client, "kept", "whole")
+    assert apart < 1e-6
+    assert off_base > 1e-4  # training moved it off the base
 
 
 async def test_on_policy_update_ignores_the_engines_logprob_rounding(trainer):
