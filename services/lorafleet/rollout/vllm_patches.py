@@ -24,6 +24,18 @@ evaluations, experiments at version 0), so this must hold.
    uses the batch's single index when every request shares it, and else skips
    the term with a warning.
 
+3. LoRA linears cost more than the base model in mixed batches. vLLM's CPU
+   wrapper applies each slice of a LoRA linear with per-token ops (a gather of a
+   [rows, out, in] weight copy; with fix 1, one group of ops per adapter slot and
+   slice). A decode step of 8 experiments calls them ~40 times, so the LoRA
+   delta cost ~1.5x the base model's forward. The patched
+   ``PunicaWrapperCPU.add_lora_linear`` (:class:`SlotGroups`) orders the step's
+   tokens by adapter slot once per forward (vLLM updates the mapping once per
+   step) and applies every slice as two grouped matmuls over those groups.
+   Measured per forward of the tiny model's 3 layers: 1024 tokens over 8
+   adapters 25.5 ms -> 16 ms, 64 tokens over 8 adapters 9.6 ms -> 2.5 ms, one
+   adapter's 128 tokens 3.3 ms -> 1.3 ms.
+
 How they are installed: vLLM imports ``parallel_config.worker_extension_cls`` in
 every worker process before the model loads. :class:`LoraNoLoraRowsFix` is that
 class (it adds no methods); importing this module probes the installed ops with
@@ -214,6 +226,118 @@ def install_logits_fix() -> bool:
     return True
 
 
+class SlotGroups:
+    """One forward's tokens grouped by adapter slot, to apply every LoRA linear of
+    the step with grouped matmuls (fix 3 of the module docstring).
+
+    ``rows`` are the token rows that have an adapter, slot by slot; ``ends[s]`` is
+    where slot s's rows end in that order. Rows with index -1 get no delta.
+    """
+
+    def __init__(self, indices: torch.Tensor, slots: int) -> None:
+        self.tokens = int(indices.shape[0])
+        self.slots = slots
+        order = torch.argsort(indices, stable=True)  # index -1 sorts first
+        without = int((indices < 0).sum())
+        self.rows = order[without:]
+        counts = torch.bincount(indices[self.rows], minlength=slots)
+        self.ends = torch.cumsum(counts, 0, dtype=torch.int32)
+        present = counts.nonzero().flatten().tolist()
+        self.empty = not present
+        # The common single-tenant case: every row shares one adapter, so plain
+        # matmuls over x need no reordering at all.
+        self.only_slot: int | None = present[0] if len(present) == 1 and not without else None
+
+    def apply(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a: tuple[torch.Tensor, ...],
+        lora_b: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+    ) -> None:
+        """``y[:, slice i] += scale * x @ A_i[slot].T @ B_i[slot].T`` per row, for
+        weights ``A_i`` [slots, 1, rank, in] and ``B_i`` [slots, 1, out_i, rank]."""
+        if self.empty:
+            return
+        if self.only_slot is not None:
+            slot, offset, xf = self.only_slot, 0, x.float()
+            for a, b, size in zip(lora_a, lora_b, output_slices, strict=True):
+                delta = (xf @ a[slot, 0].float().T) * scale @ b[slot, 0].float().T
+                y[:, offset : offset + size] += delta.to(y.dtype)
+                offset += size
+            return
+        xs = x.index_select(0, self.rows).float()
+        deltas = [
+            torch._grouped_mm(
+                torch._grouped_mm(xs, a[:, 0].float().transpose(1, 2), offs=self.ends) * scale,
+                b[:, 0].float().transpose(1, 2),
+                offs=self.ends,
+            )
+            for a, b in zip(lora_a, lora_b, strict=True)
+        ]
+        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
+        y[:, : delta.shape[1]].index_add_(0, self.rows, delta.to(y.dtype))
+
+
+def _grouped_mm_aligned(*dims: int) -> bool:
+    """torch's CPU grouped matmul needs every row of its float32 operands and
+    result to start on a 16-byte boundary."""
+    return all(d % 4 == 0 for d in dims)
+
+
+def install_grouped_lora_linear() -> bool:
+    """Replace ``PunicaWrapperCPU.add_lora_linear`` by :class:`SlotGroups` (fix 3);
+    False when already done, or when this torch has no ``_grouped_mm``."""
+    try:
+        from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+        from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+    except ImportError:  # pragma: no cover - other platforms
+        return False
+    original = PunicaWrapperCPU.add_lora_linear
+    if getattr(original, "_lorafleet_fix", False) or not hasattr(torch, "_grouped_mm"):
+        return False
+
+    def update_metadata(self: Any, *args: Any, **kwargs: Any) -> None:
+        PunicaWrapperBase.update_metadata(self, *args, **kwargs)
+        self._lorafleet_groups = None  # the token -> slot mapping changed
+
+    def add_lora_linear(
+        self: Any,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: tuple[torch.Tensor, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        indices = self.token_lora_indices
+        rank = lora_a_stacked[0].shape[2]
+        if (
+            x.shape[0] != indices.shape[0]
+            or not kwargs.get("add_inputs", True)
+            or not _grouped_mm_aligned(x.shape[1], rank, *output_slices)
+        ):
+            original(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                     buffer=buffer, **kwargs)
+            return
+        slots = lora_a_stacked[0].shape[0]
+        groups = getattr(self, "_lorafleet_groups", None)
+        if groups is None or groups.tokens != indices.shape[0] or groups.slots != slots:
+            groups = self._lorafleet_groups = SlotGroups(indices, slots)
+        groups.apply(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices)
+
+    add_lora_linear._lorafleet_fix = True  # type: ignore[attr-defined]
+    PunicaWrapperCPU.update_metadata = update_metadata  # type: ignore[method-assign]
+    PunicaWrapperCPU.add_lora_linear = add_lora_linear  # type: ignore[method-assign]
+    log.info("lorafleet: vLLM CPU LoRA linears grouped by adapter slot")
+    return True
+
+
 class LoraNoLoraRowsFix:
     """vLLM ``worker_extension_cls``: importing this module in the worker installs
     the fix. Adds no methods to the worker."""
@@ -221,3 +345,4 @@ class LoraNoLoraRowsFix:
 
 install()
 install_logits_fix()
+install_grouped_lora_linear()

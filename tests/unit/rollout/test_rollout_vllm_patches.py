@@ -88,3 +88,79 @@ def test_one_adapter_batches_match_vllms_arithmetic(ops):
         results.append(out)
     assert torch.allclose(results[0], results[1], rtol=1e-6, atol=1e-6)
     assert not torch.equal(results[0], torch.ones(7, 5))
+
+
+def _per_row_lora(y, x, lora_a, lora_b, slots_of_rows, scale, output_slices):
+    """The definition of a LoRA linear's delta, one row at a time."""
+    out = y.clone()
+    for row, slot in enumerate(slots_of_rows):
+        if slot < 0:
+            continue
+        offset = 0
+        for a, b, size in zip(lora_a, lora_b, output_slices, strict=True):
+            out[row, offset : offset + size] += scale * (x[row] @ a[slot, 0].T) @ b[slot, 0].T
+            offset += size
+    return out
+
+
+@pytest.mark.parametrize(
+    ("lora_ids", "rank", "hidden", "output_slices"),
+    [
+        # three adapters and base-model rows, interleaved
+        ((1, 2, 1, 0, 3, 3, 2, 1), 4, 8, (8, 4, 4)),
+        ((2, 2, 2, 2), 4, 8, (8, 4, 4)),  # one experiment alone
+        ((0, 0, 0), 4, 8, (8,)),  # base model only
+        # sizes the grouped matmul cannot take: vLLM's own (fixed) ops do it
+        ((1, 2, 1, 0, 3, 3, 2, 1), 3, 6, (5, 2, 2)),
+    ],
+)
+def test_grouped_lora_linear_matches_the_per_row_definition(
+    ops, lora_ids, rank, hidden, output_slices
+):
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    _, fixed = ops
+    assert PunicaWrapperCPU.add_lora_linear._lorafleet_fix
+    gen = torch.Generator().manual_seed(2)
+    slots = 4
+    lora_a = tuple(torch.randn(slots, 1, rank, hidden, generator=gen) for _ in output_slices)
+    lora_b = tuple(torch.randn(slots, 1, size, rank, generator=gen) for size in output_slices)
+    x = torch.randn(len(lora_ids), hidden, generator=gen)
+    y = torch.randn(len(lora_ids), sum(output_slices), generator=gen)
+
+    wrapper = PunicaWrapperCPU(64, 8, "cpu")
+    slot_ids = [1, 2, 3, None]  # slot s holds LoRA id slot_ids[s]; id 0 is the base model
+    wrapper.update_metadata(LoRAMapping(lora_ids, lora_ids), slot_ids, slots, 100)
+    expected = _per_row_lora(
+        y, x, lora_a, lora_b, [slot_ids.index(i) if i else -1 for i in lora_ids], 0.5,
+        output_slices,
+    )
+    out = y.clone()
+    wrapper.add_lora_linear(out, x, lora_a, lora_b, 0.5, output_slices)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    if all(i == 0 for i in lora_ids):
+        assert torch.equal(out, y)
+
+
+def test_grouped_lora_linear_follows_each_new_mapping(ops):
+    """The grouping is computed once per forward: the next step's mapping (vLLM's
+    update_metadata) must replace it, or rows would get another adapter's delta."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    gen = torch.Generator().manual_seed(3)
+    lora_a = (torch.randn(2, 1, 4, 8, generator=gen),)
+    lora_b = (torch.randn(2, 1, 4, 4, generator=gen),)
+    x = torch.randn(4, 8, generator=gen)
+    wrapper = PunicaWrapperCPU(64, 8, "cpu")
+    outputs = []
+    for lora_ids in [(1, 1, 2, 2), (2, 2, 1, 1)]:
+        wrapper.update_metadata(LoRAMapping(lora_ids, lora_ids), [1, 2], 2, 100)
+        out = torch.zeros(4, 4)
+        wrapper.add_lora_linear(out, x, lora_a, lora_b, 1.0, (4,))
+        outputs.append(out)
+        slots = [i - 1 for i in lora_ids]
+        assert torch.allclose(out, _per_row_lora(torch.zeros(4, 4), x, lora_a, lora_b, slots,
+                                                 1.0, (4,)), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs[0], outputs[1])
