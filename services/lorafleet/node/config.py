@@ -47,6 +47,11 @@ class NodeSettings(ServiceSettings):
         description="Fused train passes never put two requests in one micro-batch (each "
         "update bit-identical to training the adapter alone). Unset: on for a CPU device.",
     )
+    share_prompts: bool = Field(
+        default=True,
+        description="Samples of a request that repeat a prompt (GRPO groups) run that prompt "
+        "once in training (same gradient, fewer tokens).",
+    )
     # -- mesh --------------------------------------------------------------------------
     node_id: str = Field(
         default="local",

@@ -84,6 +84,7 @@ async def build_runtime(settings: TrainerSettings) -> TrainerRuntime:
         max_adapters=settings.max_adapters,
         max_rank=settings.max_rank,
         batch_invariant=settings.batch_invariant,
+        share_prompts=settings.share_prompts,
     )
     base_model_name = settings.base_model_name or default_name
     # Written into every adapter_config.json: a stable name, not this machine's path.

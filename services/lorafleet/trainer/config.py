@@ -76,6 +76,13 @@ class TrainerSettings(ServiceSettings):
         "adapter's update is bit-identical to training it alone. Unset: on for a CPU "
         "device (free there), off on GPUs (mixed micro-batches fill the device).",
     )
+    share_prompts: bool = Field(
+        default=True,
+        description="Samples of a request that repeat a prompt (GRPO groups) run that prompt "
+        "once, their completions attending to its cached keys and values: the same gradient "
+        "on fewer tokens (tiny model, 16 prompts x 8 samples: 25% less time per step). Not "
+        "used by passes with a KL term or LoRA dropout.",
+    )
     node_id: str = Field(
         default="local",
         description="This node's id, as the registry's file_roots names it: CreateAdapter "
