@@ -79,6 +79,7 @@ _STATE_META_KEY = "lorafleet_trainer_state"
 # activation memory, and bigger is faster.
 CPU_MICRO_BATCH_TOKENS = 1024
 GPU_MICRO_BATCH_TOKENS = 32768
+PROMPT_SHARING_MODEL_TYPES = frozenset({"llama", "qwen2"})
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,14 @@ class TrainEngine:
         self.share_prompts = share_prompts
         """Rows of a request that repeat a prompt (GRPO groups) run that prompt once
         (:class:`_SharedPrompts`); passes with a KL term or LoRA dropout do not."""
+        config = model.config
+        self._prompt_sharing_model = (
+            getattr(config, "model_type", "") in PROMPT_SHARING_MODEL_TYPES
+            and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+            and not getattr(config, "use_sliding_window", False))
+        """The shared pass hands the model an explicit 4D mask, position ids and a
+        per-row cache: tested with these HF families, their default attention and
+        full (not sliding-window) caches; other models run the plain pass."""
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.RLock()
 
@@ -638,10 +647,11 @@ class TrainEngine:
 
     def _shares_prompts(self, reqs: list[TrainRequest]) -> bool:
         """Whether the pass runs repeated prompts once (:class:`_SharedPrompts`):
-        some request repeats a prompt, no row needs the base model's logprobs (a
+        the model is one whose cache and masks this was tested with, some request
+        repeats a prompt, no row needs the base model's logprobs (a
         KL term), no adapter has LoRA dropout (its masks would be shared by the
         rows of a prompt), and every prompt has a token before its last."""
-        if not self.share_prompts:
+        if not self.share_prompts or not self._prompt_sharing_model:
             return False
         if any(r.loss.kind == LossKind.POLICY_GRADIENT and r.loss.kl_coef > 0 for r in reqs):
             return False
@@ -755,7 +765,9 @@ class TrainEngine:
             group_N=torch.from_numpy(group_N).to(dev),
             inputs_N_X=torch.from_numpy(inputs).to(dev),
             targets_N_X=torch.from_numpy(targets).to(dev),
-            positions_N_X=torch.from_numpy(p_N[:, None] - 1 + k_X[None, :]).to(dev),
+            # Padding sits at its row's last prompt position: never past the model's
+            # positions, and no real token attends to it.
+            positions_N_X=torch.from_numpy(np.where(real_N_X, at_N_X, p_N[:, None] - 1)).to(dev),
             attention_N_1_X_QX=torch.from_numpy(attention).to(dev),
             # Padding goes to column T - 1, one past the [N, T-1] layout.
             scatter_N_X=torch.from_numpy(np.where(real_N_X, at_N_X, T - 1)).to(dev),

@@ -82,16 +82,37 @@ def _counting_shared_passes(engine: TrainEngine, monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The family of the documented GPU config (Qwen2.5), tiny, with q/k/v biases."""
+    import transformers
+
+    cfg = transformers.Qwen2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=64, max_position_embeddings=128,
+    )
+    torch.manual_seed(4321)
+    path = tmp_path_factory.mktemp("lora_qwen2")
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
 @pytest.mark.parametrize(
-    ("micro_batch_tokens", "batch_invariant"),
-    [(None, True), (None, False), (24, True)],  # 24 tokens: micro-batches cut through groups
+    ("model", "micro_batch_tokens", "batch_invariant"),
+    [
+        ("llama", None, True),
+        ("llama", None, False),
+        ("llama", 24, True),  # 24 tokens: micro-batches cut through groups
+        ("qwen2", None, True),
+    ],
 )
-def test_shared_prompts_give_the_full_pass_gradients(llama_dir, monkeypatch, micro_batch_tokens,
-                                                     batch_invariant):
+def test_shared_prompts_give_the_full_pass_gradients(request, monkeypatch, model,
+                                                     micro_batch_tokens, batch_invariant):
+    model_dir = request.getfixturevalue(f"{model}_dir")
     requests = [_group_request("a", 1, groups=4, group_size=4), _distinct_prompts("b", 2)]
     results, grads = {}, {}
     for share in (True, False):
-        engine = _engine(llama_dir, share=share, micro_batch_tokens=micro_batch_tokens,
+        engine = _engine(model_dir, share=share, micro_batch_tokens=micro_batch_tokens,
                          batch_invariant=batch_invariant)
         calls = _counting_shared_passes(engine, monkeypatch)
         results[share] = engine.forward_backward(requests)
@@ -120,3 +141,17 @@ def test_passes_needing_the_base_model_do_not_share(llama_dir, monkeypatch):
     assert result.metrics.kl > 0
     engine.forward_backward([_group_request("a", 4, groups=2, group_size=4)])
     assert calls[0] > 0
+
+
+def test_a_sliding_window_cache_runs_the_plain_pass(tmp_path, monkeypatch):
+    import transformers
+
+    cfg = transformers.Qwen2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=64, use_sliding_window=True, sliding_window=4,
+    )
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    engine = _engine(tmp_path, share=True, micro_batch_tokens=None, batch_invariant=True)
+    calls = _counting_shared_passes(engine, monkeypatch)
+    engine.forward_backward([_group_request("a", 5, groups=2, group_size=4)])
+    assert calls[0] == 0
