@@ -27,8 +27,9 @@ evaluations, experiments at version 0), so this must hold.
 3. LoRA linears cost more than the base model in mixed batches. vLLM's CPU
    wrapper applies each slice of a LoRA linear with per-token ops (a gather of a
    [rows, out, in] weight copy; with fix 1, one group of ops per adapter slot and
-   slice). A decode step of 8 experiments calls them ~40 times, so the LoRA
-   delta cost ~1.5x the base model's forward. The patched
+   slice), ~40 times per forward of the tiny model. With 8 experiments in a
+   batch the LoRA delta took a third of the engine worker's time, as much as the
+   base model's layers (py-spy, 8 concurrent experiments). The patched
    ``PunicaWrapperCPU.add_lora_linear`` (:class:`SlotGroups`) orders the step's
    tokens by adapter slot once per forward (vLLM updates the mapping once per
    step) and applies every slice as two grouped matmuls over those groups.
