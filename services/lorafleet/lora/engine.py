@@ -631,16 +631,18 @@ class TrainEngine:
         start, longest, prompts, prompt_len = lo, 0, 0, 0
         for i in range(lo, hi):
             n, p = int(host.lengths[i]), int(host.prompt_lengths[i])
-            new_prompt = groups is not None and (i == start or groups[i] != groups[i - 1])
+            # What row i adds: its padded row, and with shared prompts its prompt.
             if groups is None:
-                grown = (max(longest, n), 0, 0)
+                row, prompt, new_prompt = n, 0, 0
             else:
-                grown = (max(longest, n - p), prompts + new_prompt, max(prompt_len, p - 1))
+                row, prompt = n - p, p - 1
+                new_prompt = int(i == start or groups[i] != groups[i - 1])
+            grown = (max(longest, row), prompts + new_prompt, max(prompt_len, prompt))
             if i > start and (i - start + 1) * grown[0] + grown[1] * grown[2] > (
                     self.micro_batch_tokens):
                 out.append((start, i))
                 start = i
-                grown = (n, 0, 0) if groups is None else (n - p, 1, p - 1)
+                grown = (row, int(groups is not None), prompt)
             longest, prompts, prompt_len = grown
         out.append((start, hi))
         return out
