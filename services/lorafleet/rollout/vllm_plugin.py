@@ -18,7 +18,7 @@ drops a ping while the previous one is still queued); vLLM's safety net re-reads
 the buffer every 5 s (``SHM_READER_RECHECK_INTERVAL_MS``). With a 1 s spin a
 reader rarely parks mid-batch, so the loss rarely shows; with a 5 ms spin it
 parks between every two decode steps, and a lost ping stalled the whole engine
-for 5 s: measured on 2 cores, 1 to 3 such stalls per 40-step experiment alone,
+for 5 s: measured on 2 cores, up to 3 such stalls per 40-step experiment alone,
 and the machine idle while 8 concurrent experiments waited. So the plugin also
 caps a parked reader's wait at :data:`RECHECK_MS`; each wake is one flag check.
 
