@@ -399,6 +399,56 @@ def stop_stack(stack: BenchStack, console: Console) -> float:
     return time.monotonic() - started
 
 
+# ------------------------------------------------------------------- CPU accounting
+# Where a speedup comes from: an arm's CPU seconds over its makespan is how many
+# cores it kept busy. An arm that needs the same CPU per step but keeps more
+# cores busy gains by filling idle cores; one that needs less CPU per step gains
+# from sharing work (bigger batches, fused passes).
+
+
+def stack_cpu_s(stack: BenchStack) -> dict[str, float]:
+    """CPU seconds (user + system) each service's process tree has used since it
+    started: the service and its live children (vLLM's engine core and worker)."""
+    import psutil
+
+    used: dict[str, float] = {}
+    for name, service in stack.services.items():
+        try:
+            root = psutil.Process(service.process.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        total = 0.0
+        for proc in tree:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:  # exited between listing and reading
+                continue
+            total += times.user + times.system
+        used[name] = total
+    return used
+
+
+def cpu_used(before: Mapping[str, float], after: Mapping[str, float],
+             seconds: float) -> dict[str, Any]:
+    """CPU each service used between two readings, and the cores kept busy."""
+    by_service = {name: max(0.0, after[name] - before.get(name, 0.0)) for name in after}
+    total = sum(by_service.values())
+    return {
+        "by_service_s": by_service,
+        "total_s": total,
+        "cores_busy": total / seconds if seconds > 0 else math.nan,
+    }
+
+
+def _sum_cpu(parts: Sequence[Mapping[str, Any]], seconds: float) -> dict[str, Any]:
+    by_service: dict[str, float] = {}
+    for part in parts:
+        for name, value in part["by_service_s"].items():
+            by_service[name] = by_service.get(name, 0.0) + value
+    return cpu_used({}, by_service, seconds)
+
+
 def run_alone(client: SchedulerClient, plan: Planned, experiment_id: str, console: Console,
               title: str) -> RunResult:
     """Submit one experiment and follow its watch stream to the end.
@@ -541,6 +591,11 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
     concurrent: dict[int, list[Outcome]] = {}
     cold_starts: list[float] = []
     teardowns: list[float] = []
+    # CPU readings: per cold experiment (its stack from birth, start-up included),
+    # the hot stack before and after each warm experiment, around each N at once.
+    cold_cpu: list[dict[str, float]] = []
+    warm_cpu: list[dict[str, float]] = []
+    concurrent_cpu: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
     stack: BenchStack | None = None
     try:
         # Arm 1: a fresh stack per experiment; the last one stays up as the hot stack.
@@ -553,6 +608,7 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
             with SchedulerClient(stack.services["scheduler"].address) as client:
                 result = run_alone(client, plan, plan.experiment_id("cold"), progress, label)
             cold.append(outcome_of("single_tenant_cold", plan, result, started_at, start_s))
+            cold_cpu.append(stack_cpu_s(stack))
             if plan.index < n_max - 1:
                 teardowns.append(stop_stack(stack, progress))
                 stack = None
@@ -560,21 +616,25 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
         assert stack is not None
         with SchedulerClient(stack.services["scheduler"].address) as client:
             # Arm 2: the same experiments one after another on the hot stack.
+            warm_cpu.append(stack_cpu_s(stack))
             for plan in plans:
                 label = f"{ARM_LABELS['single_tenant_warm']} {plan.index + 1}/{n_max}"
                 started_at = time.time()
                 result = run_alone(client, plan, plan.experiment_id("warm"), progress, label)
                 warm.append(outcome_of("single_tenant_warm", plan, result, started_at))
+                warm_cpu.append(stack_cpu_s(stack))
             load["after_warm"] = _load()
             # Arm 3: all N at once, for every N.
             for n in config.n:
                 ids = [p.experiment_id(f"lf-n{n}") for p in plans[:n]]
                 started_at = time.time()
                 started = time.monotonic()
+                before = stack_cpu_s(stack)
                 for plan, experiment_id in zip(plans[:n], ids, strict=True):
                     client.submit(plan.spec, experiment_id=experiment_id)
                 follow_live(client, ids, progress, started=started,
                             title=f"{ARM_LABELS['lorafleet']} N={n}")
+                concurrent_cpu[n] = (before, stack_cpu_s(stack))
                 results = collect(client, ids)
                 concurrent[n] = [
                     outcome_of("lorafleet", plan, result, started_at)
@@ -595,6 +655,14 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
         ):
             spans[arm][n] = makespan(arm, outcomes)
             arms[arm][str(n)] = arm_summary(outcomes, spans[arm][n])
+        arms["single_tenant_cold"][str(n)]["cpu"] = _sum_cpu(
+            [cpu_used({}, reading, 1.0) for reading in cold_cpu[:n]],
+            spans["single_tenant_cold"][n],
+        )
+        arms["single_tenant_warm"][str(n)]["cpu"] = cpu_used(
+            warm_cpu[0], warm_cpu[n], spans["single_tenant_warm"][n]
+        )
+        arms["lorafleet"][str(n)]["cpu"] = cpu_used(*concurrent_cpu[n], spans["lorafleet"][n])
     speedups = {
         str(n): _clean(
             {
@@ -729,10 +797,11 @@ def time_split_table(result: dict[str, Any]) -> Table:
         title="where the time goes: share of the experiments' summed time",
         caption="in-step other: train-gate waits, periodic evals; outside steps: placement, "
         "base and final evals, rollout-gate waits, gaps between steps; gate waits: fair-share "
-        "waits (inside the two previous columns)",
+        "waits (inside the two previous columns); CPU s: every service process's CPU time "
+        "(cold: start-ups included), cores busy: CPU s / makespan",
     )
     columns = ("N", "arm", *SPLIT_COLUMNS.values(), "gate waits", "mean step s",
-               "fused adapters")
+               "fused adapters", "CPU s", "cores busy")
     for column in columns:
         table.add_column(column, justify="left" if column == "arm" else "right")
     for n in result["config"]["n"]:
@@ -746,6 +815,8 @@ def time_split_table(result: dict[str, Any]) -> Table:
                 f"{100 * f.get('queue_wait', 0):.0f}%",
                 _fmt(s["mean_step_s"], ".2f"),
                 _fmt(s["mean_fused_adapters"], ".2f"),
+                _fmt(s["cpu"]["total_s"], ".0f"),
+                _fmt(s["cpu"]["cores_busy"], ".2f"),
                 end_section=arm == ARMS[-1],
             )
     return table

@@ -112,3 +112,28 @@ def test_arms_share_specs_and_seeds(quick_run: dict) -> None:
         assert cold["seed"] == warm["seed"] == lorafleet["seed"]
         assert len({cold["experiment_id"], warm["experiment_id"], lorafleet["experiment_id"]}) == 3
     assert len({e["seed"] for e in rows[0]}) == len(rows[0])
+
+
+def test_cpu_accounting_covers_every_service(quick_run: dict) -> None:
+    result = quick_run["json"]
+    cpus = result["machine"]["cpus"]
+    services = {"registry", "trainer-0", "rollout-0", "scheduler"}
+    for arm in ARMS:
+        for n, summary in result["arms"][arm].items():
+            cpu = summary["cpu"]
+            assert set(cpu["by_service_s"]) == services, (arm, n, cpu)
+            # The rollout service's tree holds vLLM's engine processes: never idle
+            # while experiments generate.
+            assert cpu["by_service_s"]["rollout-0"] > 0, (arm, n)
+            # (The JSON rounds to 4 decimals.)
+            assert cpu["total_s"] == pytest.approx(sum(cpu["by_service_s"].values()), rel=1e-3)
+            assert cpu["cores_busy"] == pytest.approx(
+                cpu["total_s"] / summary["makespan_s"], rel=1e-3
+            )
+            # Readings are of real processes: busy, yet within the machine.
+            assert 0.05 < cpu["cores_busy"] <= cpus + 0.5, (arm, n, cpu)
+    # A cold experiment pays its stack's start-up CPU (model loads, engine
+    # warm-up), which the warm arm's experiments do not.
+    cold = result["arms"]["single_tenant_cold"]["1"]["cpu"]["total_s"]
+    warm = result["arms"]["single_tenant_warm"]["1"]["cpu"]["total_s"]
+    assert cold > warm
