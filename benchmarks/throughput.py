@@ -441,10 +441,12 @@ def cpu_used(before: Mapping[str, float], after: Mapping[str, float],
     }
 
 
-def _sum_cpu(parts: Sequence[Mapping[str, Any]], seconds: float) -> dict[str, Any]:
+def summed_cpu(readings: Sequence[Mapping[str, float]], seconds: float) -> dict[str, Any]:
+    """CPU of several stacks, each read from its birth (the cold arm's), over
+    their summed time."""
     by_service: dict[str, float] = {}
-    for part in parts:
-        for name, value in part["by_service_s"].items():
+    for reading in readings:
+        for name, value in reading.items():
             by_service[name] = by_service.get(name, 0.0) + value
     return cpu_used({}, by_service, seconds)
 
@@ -655,9 +657,8 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
         ):
             spans[arm][n] = makespan(arm, outcomes)
             arms[arm][str(n)] = arm_summary(outcomes, spans[arm][n])
-        arms["single_tenant_cold"][str(n)]["cpu"] = _sum_cpu(
-            [cpu_used({}, reading, 1.0) for reading in cold_cpu[:n]],
-            spans["single_tenant_cold"][n],
+        arms["single_tenant_cold"][str(n)]["cpu"] = summed_cpu(
+            cold_cpu[:n], spans["single_tenant_cold"][n]
         )
         arms["single_tenant_warm"][str(n)]["cpu"] = cpu_used(
             warm_cpu[0], warm_cpu[n], spans["single_tenant_warm"][n]
