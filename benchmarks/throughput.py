@@ -431,7 +431,9 @@ def stack_cpu_s(stack: BenchStack) -> dict[str, float]:
 
 def cpu_used(before: Mapping[str, float], after: Mapping[str, float],
              seconds: float) -> dict[str, Any]:
-    """CPU each service used between two readings, and the cores kept busy."""
+    """CPU each service used between two readings, and the cores kept busy. A
+    child that exited between them (a restarted vLLM engine) takes its time out
+    of the tree; such a service counts 0 rather than a negative time."""
     by_service = {name: max(0.0, after[name] - before.get(name, 0.0)) for name in after}
     total = sum(by_service.values())
     return {

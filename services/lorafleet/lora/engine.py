@@ -717,10 +717,7 @@ class TrainEngine:
         T = int(h.lengths[lo:hi].max())
         dev = self.device
         rr = torch.from_numpy(h.row_request[lo:hi])
-
-        def t(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
-
+        t = self._to_device
         shared = None if h.prompt_group is None else self._shared_prompts(h, lo, hi, T)
         return _Batch(
             shared=shared,
@@ -737,6 +734,10 @@ class TrainEngine:
             kl_coef_N=kl[rr].to(dev),
             on_policy_N=on_policy[rr].to(dev),
         )
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        """A host array as a tensor on the model's device."""
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     def _shared_prompts(self, h: _HostBatch, lo: int, hi: int, T: int) -> _SharedPrompts:
         """The two-pass layout of rows lo..hi (see :class:`_SharedPrompts`); T is
@@ -760,19 +761,19 @@ class TrainEngine:
         attention = np.zeros((N, 1, X, Q + X), dtype=np.bool_)
         attention[:, 0, :, :Q] = (np.arange(Q)[None, :] < (p_N - 1)[:, None])[:, None, :]
         attention[:, 0, :, Q:] = np.tril(np.ones((X, X), dtype=np.bool_))
-        dev = self.device
+        t = self._to_device
         return _SharedPrompts(
-            prompt_ids_G_Q=torch.from_numpy(prompts).to(dev),
+            prompt_ids_G_Q=t(prompts),
             adapters_G=[h.adapters[lo + row] for row in first.tolist()],
-            group_N=torch.from_numpy(group_N).to(dev),
-            inputs_N_X=torch.from_numpy(inputs).to(dev),
-            targets_N_X=torch.from_numpy(targets).to(dev),
+            group_N=t(group_N),
+            inputs_N_X=t(inputs),
+            targets_N_X=t(targets),
             # Padding sits at its row's last prompt position: never past the model's
             # positions, and no real token attends to it.
-            positions_N_X=torch.from_numpy(np.where(real_N_X, at_N_X, p_N[:, None] - 1)).to(dev),
-            attention_N_1_X_QX=torch.from_numpy(attention).to(dev),
+            positions_N_X=t(np.where(real_N_X, at_N_X, p_N[:, None] - 1)),
+            attention_N_1_X_QX=t(attention),
             # Padding goes to column T - 1, one past the [N, T-1] layout.
-            scatter_N_X=torch.from_numpy(np.where(real_N_X, at_N_X, T - 1)).to(dev),
+            scatter_N_X=t(np.where(real_N_X, at_N_X, T - 1)),
         )
 
     def _validate_train_request(self, req: TrainRequest) -> LorafleetError | None:
