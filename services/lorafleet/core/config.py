@@ -3,12 +3,17 @@
 Precedence, highest first: explicit overrides (CLI flags) > environment variables
 > config file (YAML or TOML) > field defaults. Unknown keys anywhere are errors
 (``extra="forbid"``): a typo in a config file must stop the service, not be
-silently ignored. ``__main__`` turns the result into plain constructor arguments.
+silently ignored. pydantic-settings skips environment variables that name no
+field, so ``load_settings`` checks those under the service's own prefix itself
+(``LORAFLEET_ROLLOUT_KV_CACHE_GB`` stops the rollout service). ``__main__`` turns
+the result into plain constructor arguments.
 """
 
 from __future__ import annotations
 
 import contextvars
+import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -156,6 +161,17 @@ def load_settings(cls: type[S], config_file: Path | None = None, **overrides: An
                 metadata={"config_file": str(config_file)},
             )
     given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = unknown_env_settings(cls)
+    if unknown:
+        raise ConfigError(
+            f"invalid {cls.__name__}: "
+            + "; ".join(
+                f"unknown setting {name!r} in environment variable {key}{_did_you_mean(name, cls)}"
+                for key, name in unknown.items()
+            )
+            + f" (known: {', '.join(sorted(cls.model_fields))})",
+            metadata={"environment": ",".join(unknown)},
+        )
     token = _config_file.set(config_file)
     try:
         return cls(**given)
@@ -166,6 +182,28 @@ def load_settings(cls: type[S], config_file: Path | None = None, **overrides: An
         ) from exc
     finally:
         _config_file.reset(token)
+
+
+def unknown_env_settings(cls: type[ServiceSettings]) -> dict[str, str]:
+    """Environment variables under ``cls``'s own prefix that name none of its
+    settings, each with the setting name it spells. The shared ``LORAFLEET_``
+    prefix is not checked: it also carries variables that are not service
+    settings (``LORAFLEET_CACHE_DIR``, the CLI's ``LORAFLEET_SCHEDULER``)."""
+    prefix = str(cls.model_config.get("env_prefix") or "").upper()
+    if not prefix or prefix == str(ServiceSettings.model_config["env_prefix"]).upper():
+        return {}
+    known = {name.lower() for name in cls.model_fields}
+    unknown = {}
+    for key in sorted(os.environ):
+        name = key[len(prefix) :].lower()
+        if key.upper().startswith(prefix) and name not in known:
+            unknown[key] = name
+    return unknown
+
+
+def _did_you_mean(name: str, cls: type[ServiceSettings]) -> str:
+    close = difflib.get_close_matches(name, list(cls.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _describe(
@@ -180,7 +218,8 @@ def _describe(
         if error["type"] == "extra_forbidden":
             where = "overrides" if key in overrides else f"config file {config_file}"
             problems.append(
-                f"unknown setting {key!r} in {where} (known: {', '.join(sorted(cls.model_fields))})"
+                f"unknown setting {key!r} in {where}{_did_you_mean(key, cls)}"
+                f" (known: {', '.join(sorted(cls.model_fields))})"
             )
         else:
             problems.append(f"{key}: {error['msg']}")

@@ -86,6 +86,7 @@ def test_unknown_key_in_file_rejected(tmp_path):
         load_settings(ExampleSettings, path)
     message = info.value.message
     assert "unknown setting 'prot'" in message
+    assert "did you mean 'port'?" in message
     assert str(path) in message
     assert info.value.reason == "INVALID_CONFIG"
 
@@ -113,3 +114,22 @@ def test_missing_or_unsupported_file(tmp_path):
 
 def test_ipv6_address():
     assert ServiceSettings(host="::", port=5).address == "[::]:5"
+
+
+def test_unknown_env_var_under_the_service_prefix_rejected(monkeypatch):
+    monkeypatch.setenv("LORAFLEET_EXAMPLE_DB_URI", "sqlite:///typo.db")  # db_url misspelt
+    with pytest.raises(ConfigError) as info:
+        load_settings(ExampleSettings)
+    message = info.value.message
+    assert "unknown setting 'db_uri' in environment variable LORAFLEET_EXAMPLE_DB_URI" in message
+    assert "did you mean 'db_url'?" in message
+    assert "db_url" in message  # the known names are listed
+    assert info.value.reason == "INVALID_CONFIG"
+
+
+def test_env_vars_outside_the_service_prefix_are_not_its_business(monkeypatch):
+    monkeypatch.setenv("LORAFLEET_CACHE_DIR", "/tmp/cache")  # shared prefix, not a setting
+    monkeypatch.setenv("LORAFLEET_OTHER_THING", "1")  # another service's prefix
+    monkeypatch.setenv("lorafleet_example_port", "7")  # known setting, any case
+    assert load_settings(ExampleSettings).port == 7
+    assert load_settings(ServiceSettings).port == 0
