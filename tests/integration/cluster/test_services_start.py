@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lorafleet.cluster.local import LocalCluster, ServiceSpec, health_status
+from lorafleet.cluster.local import ClusterError, LocalCluster, ServiceSpec, health_status
 
 SERVICE_NAMES = {
     "registry": "lorafleet.registry.v1.AdapterRegistryService",
@@ -51,3 +51,19 @@ def test_bad_config_file_fails_fast_with_a_clear_message(tmp_path):
     )
     assert result.returncode == 2
     assert "registry_adress" in result.stderr
+
+
+def test_misspelt_env_setting_stops_the_start_with_the_closest_name(tmp_path):
+    # What a typo under [services.scheduler] of a benchmark config becomes.
+    cluster = LocalCluster(tmp_path)
+    spec = ServiceSpec("scheduler", "scheduler", env={"LORAFLEET_SCHEDULER_REGISTRY_ADRESS": "x"})
+    try:
+        with pytest.raises(ClusterError) as info:
+            cluster.start(spec)
+            cluster.wait_serving("scheduler", timeout_s=60)
+    finally:
+        cluster.stop_all(timeout_s=10)
+    message = str(info.value)
+    assert "exited with code 2" in message
+    assert "LORAFLEET_SCHEDULER_REGISTRY_ADRESS" in message
+    assert "did you mean 'registry_address'?" in message
