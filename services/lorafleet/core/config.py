@@ -193,12 +193,12 @@ def unknown_env_settings(cls: type[ServiceSettings]) -> dict[str, str]:
     if not prefix or prefix == str(ServiceSettings.model_config["env_prefix"]).upper():
         return {}
     known = {name.lower() for name in cls.model_fields}
-    unknown = {}
-    for key in sorted(os.environ):
-        name = key[len(prefix) :].lower()
-        if key.upper().startswith(prefix) and name not in known:
-            unknown[key] = name
-    return unknown
+    spelt = {
+        key: key[len(prefix) :].lower()
+        for key in sorted(os.environ)
+        if key.upper().startswith(prefix)
+    }
+    return {key: name for key, name in spelt.items() if name not in known}
 
 
 def _did_you_mean(name: str, cls: type[ServiceSettings]) -> str:
