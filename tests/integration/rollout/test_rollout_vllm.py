@@ -284,6 +284,18 @@ def test_engine_processes_sleep_between_batches(node):
     assert cpu_s() - before < 0.3
 
 
+def test_engine_processes_run_on_tcmalloc(node):
+    """vLLM's CPU backend expects tcmalloc preloaded; the rollout service adds the
+    system's (lorafleet.rollout.allocator) to its engine processes."""
+    from lorafleet.rollout.allocator import find_tcmalloc
+
+    if find_tcmalloc() is None:
+        pytest.skip("no system tcmalloc (Debian: libtcmalloc-minimal4; .ci/run installs it)")
+    for pid in node.engine_pids():
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "libtcmalloc" in maps, f"engine process {pid} runs without tcmalloc"
+
+
 def test_engine_failure_is_unavailable_then_restarted(node, solo):
     """Kill the engine core: requests answer UNAVAILABLE (never hang or
     INTERNAL), the engine comes back on its own, adapters reload."""
