@@ -32,8 +32,7 @@ def find_tcmalloc() -> str | None:
     for path in _SEARCH:
         if os.path.exists(path):
             return path
-    name = ctypes.util.find_library(LIBRARY)  # a soname: the loader finds it
-    return name
+    return ctypes.util.find_library(LIBRARY)  # a soname: the loader finds it
 
 
 def with_tcmalloc(env: Mapping[str, str], library: str | None) -> str | None:
