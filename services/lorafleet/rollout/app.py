@@ -71,6 +71,7 @@ def make_engine(settings: RolloutSettings, model_path: str) -> Engine:
             health_check_interval_s=settings.health_check_interval_s,
             spin_ms=settings.engine_spin_ms,
             preload_tcmalloc=settings.preload_tcmalloc,
+            cpu_one_process=settings.cpu_one_process_engine,
         )
     try:
         from lorafleet.rollout.torch_engine import (  # type: ignore[import-not-found]

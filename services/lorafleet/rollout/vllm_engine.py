@@ -18,6 +18,9 @@ What this module adds on top of vLLM:
   (``allowed_token_ids``): the raw logprob of the forced token is exactly its
   logprob, and the request fits in ``max_model_len`` even when the sequence is
   ``max_model_len`` long (which a plain prompt-logprobs request would not);
+- on CPU, the engine's scheduler and model in one process
+  (:mod:`lorafleet.rollout.engine_process`), not two that meet over shared memory
+  at every decode step;
 - on CPU, fixes for vLLM's torch LoRA path (:mod:`lorafleet.rollout.vllm_patches`):
   base-model rows of mixed batches got the last adapter slot's delta, and a
   prompt-logprobs request batched with any other request killed the engine;
@@ -49,6 +52,7 @@ from lorafleet.core.errors import (
 )
 from lorafleet.rollout import metrics
 from lorafleet.rollout.allocator import find_tcmalloc, with_tcmalloc
+from lorafleet.rollout.engine_process import engine_threads, use_one_process, worker_threads
 from lorafleet.rollout.types import (
     EngineAdapter,
     EngineStatus,
@@ -119,6 +123,7 @@ class VllmEngine:
         health_check_interval_s: float = 5.0,
         spin_ms: float | None = None,
         preload_tcmalloc: bool = True,
+        cpu_one_process: bool = True,
     ) -> None:
         self.model_path = model_path
         self._max_loras = max_loras
@@ -136,6 +141,7 @@ class VllmEngine:
         self._health_check_interval_s = health_check_interval_s
         self._spin_ms = spin_ms
         self._preload_tcmalloc = preload_tcmalloc
+        self._cpu_one_process = cpu_one_process
         self._llm: AsyncLLM | None = None
         self._tokenizer: Any = None
         self._vocab_size = 0
@@ -217,10 +223,25 @@ class VllmEngine:
             **kwargs,
         )
 
-    async def _create(self) -> AsyncLLM:
+    def _vllm_config(self) -> tuple[Any, int | None]:
+        """vLLM's config, and the OpenMP threads its engine process needs when
+        it runs the model itself (lorafleet.rollout.engine_process); None: leave
+        the engine's threads to vLLM."""
+        config = self._engine_args().create_engine_config()
+        if self._cpu_one_process and _on_cpu():
+            threads = worker_threads(config)  # before the switch: it reads the topology
+            if use_one_process(config):
+                return config, threads
+        return config, None
+
+    def _build(self) -> AsyncLLM:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = self._engine_args()
+        config, threads = self._vllm_config()
+        with engine_threads(threads):
+            return AsyncLLM.from_vllm_config(config, disable_log_stats=True)
+
+    async def _create(self) -> AsyncLLM:
         spin_ms = self._spin_ms
         if spin_ms is None and _on_cpu():
             spin_ms = CPU_DEFAULT_SPIN_MS
@@ -237,7 +258,7 @@ class VllmEngine:
         # (~20 s on 2 CPU cores), and the event loop must keep answering health
         # checks and status calls meanwhile (during a restart). The output handler
         # task then starts on the loop at the first request.
-        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        llm = await asyncio.to_thread(self._build)
         self._tokenizer = llm.get_tokenizer()
         self._vocab_size = int(llm.model_config.get_vocab_size())
         self._epoch += 1

@@ -22,6 +22,10 @@ for 5 s: measured on 2 cores, up to 3 such stalls per 40-step experiment alone,
 and the machine idle while 8 concurrent experiments waited. So the plugin also
 caps a parked reader's wait at :data:`RECHECK_MS`; each wake is one flag check.
 
+On CPU the rollout service runs the engine in one process by default
+(lorafleet.rollout.engine_process), which has no such queue; this plugin matters
+there only with ``cpu_one_process_engine`` off, and on GPU nodes.
+
 The rollout service sets :data:`SPIN_ENV` (``RolloutSettings.engine_spin_ms``)
 before it starts the engine, whose processes inherit it. Unset, vLLM keeps its
 own behaviour. This module must stay importable without vLLM's heavy parts

@@ -15,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytest.importorskip("vllm")
@@ -263,15 +264,19 @@ def test_status_reports_the_engine(node):
     assert status.process_memory_bytes > 100 * 2**20
 
 
-def test_engine_processes_sleep_between_batches(node):
-    """After a batch the engine core and worker go to sleep within milliseconds
-    (lorafleet.rollout.vllm_plugin) instead of spinning on their shared-memory
-    queue for vLLM's default second: on a CPU node that second of two busy
-    cores is the co-located trainer's."""
-    import psutil
-
+def test_cpu_engine_runs_in_one_process(node):
+    """On CPU the engine's scheduler and model share one process
+    (lorafleet.rollout.engine_process): no worker process beside the engine core.
+    Every other test of this module runs on that engine."""
     engines = [psutil.Process(pid) for pid in node.engine_pids()]
-    assert len(engines) >= 2  # the engine core and its worker
+    assert [p.name() for p in engines] == ["VLLM::EngineCore"]
+
+
+def test_engine_process_sleeps_between_batches(node):
+    """After a batch the engine goes to sleep instead of polling for work: on a
+    CPU node a busy engine process takes the co-located trainer's core."""
+    engines = [psutil.Process(pid) for pid in node.engine_pids()]
+    assert engines
 
     def cpu_s():
         return sum(sum(p.cpu_times()[:2]) for p in engines)
@@ -280,7 +285,7 @@ def test_engine_processes_sleep_between_batches(node):
     time.sleep(0.05)
     before = cpu_s()
     time.sleep(1.0)
-    # Spinning, the two processes burn ~2 CPU-seconds in that second on 2 cores.
+    # Polling, an engine process burns ~1 CPU-second in that second.
     assert cpu_s() - before < 0.3
 
 
