@@ -1,21 +1,25 @@
 """vLLM's CPU engine in one process: its scheduler and its model together.
 
 vLLM-CPU always runs the model in a worker process of its own, beside the engine
-core process that schedules (``vllm/platforms/cpu.py`` rewrites the one-process
-executor, ``"uni"``, to ``"mp"``): the worker's OpenMP threads must be set in its
-environment before it imports torch, and the engine core has imported torch by
-the time a one-process executor would build the model. Every decode step then
-crosses a shared-memory queue twice, and the engine core waits on it.
+core process that schedules: ``vllm/platforms/cpu.py`` rewrites the one-process
+executor (``"uni"``) to ``"mp"``, because only for a worker it starts itself can
+vLLM set the OpenMP environment (thread count, binding) before torch loads. Every
+decode step then crosses a shared-memory queue twice, and the engine core waits
+on it.
 
-The rollout service starts the engine core itself, though, as a spawned process
-that inherits its environment. So it can give the engine core process the
-worker's thread count before it starts, and ask for the one-process executor
-after vLLM's platform check. Measured on 2 cores, 8 experiments of 40 steps on
-the benchmark's stack, two pairs of runs with tcmalloc and two without, the same
-accuracies bit for bit: the rollout service used 17-21% less CPU for experiments
-one after another and 5-9% less for experiments at once (relative to the
-trainer's CPU, which did the same work, because the machine's speed drifted by up
-to 15% between runs). Makespans moved within that drift.
+But the engine core process is itself spawned from the rollout service's
+process, and inherits its environment. So the rollout service gives it the
+thread count vLLM would give the worker, and asks for the one-process executor
+after vLLM's platform check. (vLLM also pins the worker's threads to its cores;
+the one process is not pinned, so its other threads, ZeroMQ's and the output
+serializer's, can use the core vLLM reserves for the engine core.)
+
+Measured on 2 cores, 8 experiments of 40 steps on the benchmark's stack, two
+pairs of runs with tcmalloc and two without, the same accuracies bit for bit:
+the rollout service used 17-21% less CPU for experiments one after another and
+5-9% less for experiments at once (relative to the trainer's CPU, which did the
+same work, because the machine's speed drifted by up to 15% between runs).
+Makespans moved within that drift.
 
 GPU engines with one device already run in one process; nothing changes there.
 """
@@ -26,10 +30,6 @@ import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any
-
-import structlog
-
-log = structlog.get_logger(__name__)
 
 ONE_PROCESS = "uni"
 """vLLM's name of the executor that runs the model in the engine core process."""

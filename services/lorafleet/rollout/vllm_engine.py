@@ -229,7 +229,7 @@ class VllmEngine:
         the engine's threads to vLLM."""
         config = self._engine_args().create_engine_config()
         if self._cpu_one_process and _on_cpu():
-            threads = worker_threads(config)  # before the switch: it reads the topology
+            threads = worker_threads(config)
             if use_one_process(config):
                 return config, threads
         return config, None
