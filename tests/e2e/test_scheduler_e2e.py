@@ -61,8 +61,17 @@ def wait_finished(scheduler, experiment_ids, timeout_s):
     raise AssertionError(f"not finished within {timeout_s}s: {states}")
 
 
+def step_metrics_of(scheduler, experiment_id):
+    return [e.step for e in scheduler.watch(experiment_id) if e.WhichOneof("event") == "step"]
+
+
 def steps_of(scheduler, experiment_id):
-    return [e.step.step for e in scheduler.watch(experiment_id) if e.WhichOneof("event") == "step"]
+    return [m.step for m in step_metrics_of(scheduler, experiment_id)]
+
+
+def gap_steps(metrics):
+    """The steps whose rollout carried sampling logprobs (logprob_gap measured)."""
+    return [m.step for m in metrics if m.train.HasField("logprob_gap")]
 
 
 def test_invalid_specs_create_nothing(scheduler):
@@ -105,7 +114,31 @@ def test_four_tasks_learn_concurrently_with_gap_free_versions(scheduler, cluster
             versions = [v.version for v in registry.list_versions(experiment_id)]
             # Version 1 is the untrained adapter; step s published version s + 1.
             assert versions == list(range(1, CONCURRENT_STEPS + 2))
-            assert steps_of(scheduler, experiment_id) == list(range(1, CONCURRENT_STEPS + 1))
+            metrics = step_metrics_of(scheduler, experiment_id)
+            assert [m.step for m in metrics] == list(range(1, CONCURRENT_STEPS + 1))
+            # On-policy: sampling logprobs only at step 1 and every 10th
+            # (logprob_gap_every's default), where vLLM and the trainer agree.
+            assert gap_steps(metrics) == [1, 10]
+            assert all(m.train.logprob_gap < 1e-3 for m in metrics if m.step in (1, 10))
+
+
+def test_pipelined_experiment_trains_off_policy_with_engine_logprobs(scheduler):
+    """max_staleness 1: the next batch is generated while this one trains, so
+    batches train one version behind, and every step needs the engine's
+    sampling logprobs for the importance ratio (the trainer refuses such
+    batches without them)."""
+    experiment = scheduler.submit(
+        builtin_spec("copy", max_steps=6, max_staleness=1, eval_prompts=16, seed=5),
+        experiment_id="pipelined",
+    )
+    [done] = wait_finished(scheduler, [experiment.experiment_id], timeout_s=300)
+    assert done.state == pb.EXPERIMENT_STATE_COMPLETED, done.state_reason
+    metrics = step_metrics_of(scheduler, experiment.experiment_id)
+    assert gap_steps(metrics) == list(range(1, 7))
+    # Step s publishes version s + 1; a batch sampled by an older one is stale.
+    assert any(m.min_policy_version < m.step for m in metrics), [
+        (m.step, m.min_policy_version) for m in metrics
+    ]
 
 
 class ParityEnvironment(environment_pb2_grpc.EnvironmentServiceServicer):

@@ -35,6 +35,7 @@ def builtin_spec(
     seed: int = 0,
     display_name: str = "",
     exact_match_reward: bool = False,
+    logprob_gap_every: int = 0,
 ) -> pb.ExperimentSpec:
     """An ExperimentSpec for a built-in task; zero values mean the scheduler's defaults."""
     spec = pb.ExperimentSpec(
@@ -57,6 +58,7 @@ def builtin_spec(
     algo.eval_every = eval_every
     algo.eval_prompts = eval_prompts
     algo.exact_match_reward = exact_match_reward
+    algo.logprob_gap_every = logprob_gap_every
     return spec
 
 

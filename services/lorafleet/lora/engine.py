@@ -555,7 +555,8 @@ class TrainEngine:
                 clip_fraction=float(out["clip"][i] / n_tok[i]),
                 grad_norm=norms[r.adapter],
                 entropy=float(out["ent"][i] / n_tok[i]),
-                logprob_gap=float(out["gap"][i] / max(float(out["gap_tok"][i]), 1.0)),
+                logprob_gap=(float(out["gap"][i] / out["gap_tok"][i])
+                             if float(out["gap_tok"][i]) > 0 else None),
                 num_sequences=len(r.samples),
                 num_loss_tokens=int(tokens_R[i]),
                 fused_batch_adapters=len(adapters),
@@ -801,7 +802,11 @@ class TrainEngine:
                 return err
             n_c = s.sequence.completion_length
             n_lp = len(s.sampling_logprobs_C)
-            if kind == LossKind.POLICY_GRADIENT and n_lp != n_c:
+            # On-policy samples take the ratio's behaviour policy from the trainer's
+            # own logprobs, so their sampling logprobs are optional (diagnostics).
+            if kind == LossKind.POLICY_GRADIENT and n_lp != n_c and not (
+                loss.on_policy and n_lp == 0
+            ):
                 return invalid(
                     f"sample {i}: {n_lp} sampling logprobs for {n_c} completion tokens",
                     "LOGPROBS_LENGTH_MISMATCH", sample=i)

@@ -50,8 +50,8 @@ class TrainSample:
     sequence: TokenSequence
     sampling_logprobs_C: tuple[float, ...] = ()
     """The rollout engine's logprob of each completion token; required by the
-    policy-gradient loss, optional for cross-entropy (then only feeds the
-    ``logprob_gap`` metric)."""
+    policy-gradient loss unless it is ``on_policy``, optional for cross-entropy
+    (where given, they only feed the ``logprob_gap`` metric)."""
     advantage: float = 0.0
     """Sequence-level advantage (GRPO: group-normalised reward), applied to
     every completion token."""
@@ -81,7 +81,7 @@ class LossConfig:
     on_policy: bool = False
     """The samples came from the very weights being trained: the importance
     ratio uses the trainer's own (detached) logprobs, so it is exactly 1; the
-    sampling logprobs only feed ``logprob_gap``."""
+    sampling logprobs only feed ``logprob_gap`` and may be left out."""
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,9 @@ class TrainMetrics:
     grad_norm: float
     """L2 norm of the adapter's accumulated gradient after this backward."""
     entropy: float
-    logprob_gap: float
+    logprob_gap: float | None
     """Mean |sampling logprob - trainer logprob| over the loss tokens that came
-    with a sampling logprob; 0 when none did."""
+    with a sampling logprob; None when none did."""
     num_sequences: int
     num_loss_tokens: int
     fused_batch_adapters: int

@@ -143,13 +143,21 @@ def merge_train_metrics(
     def mean(field: str) -> float:
         return sum(getattr(p, field) * w for p, w in zip(parts, weight, strict=True))
 
+    # Only chunks whose samples carried sampling logprobs measured the gap.
+    gapped = [p for p in parts if p.HasField("logprob_gap")]
+    gap_tokens = sum(p.num_loss_tokens for p in gapped)
+    logprob_gap = (
+        sum(p.logprob_gap * p.num_loss_tokens for p in gapped) / max(gap_tokens, 1)
+        if gapped
+        else None
+    )
     return metrics_pb2.TrainMetrics(
         loss=sum(p.loss for p in parts),
         kl=mean("kl"),
         clip_fraction=mean("clip_fraction"),
         grad_norm=grad_norm,
         entropy=mean("entropy"),
-        logprob_gap=mean("logprob_gap"),
+        logprob_gap=logprob_gap,
         num_sequences=sum(p.num_sequences for p in parts),
         num_loss_tokens=tokens,
         fused_batch_adapters=max((p.fused_batch_adapters for p in parts), default=0),

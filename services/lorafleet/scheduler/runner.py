@@ -50,6 +50,7 @@ from lorafleet.scheduler.batching import (
 from lorafleet.scheduler.environments import Environment
 from lorafleet.scheduler.grpo import group_advantages
 from lorafleet.scheduler.nodes import NodeHandle, NodeRpc
+from lorafleet.scheduler.spec import DEFAULT_LOGPROB_GAP_EVERY
 from lorafleet.scheduler.store import SchedulerStore
 from lorafleet.scheduler.types import Checkpoint, ExperimentRecord
 
@@ -352,6 +353,21 @@ class ExperimentRunner:
             prompts += await self.env.sample_prompts(missing, seed=self.spec.seed, step=step)
         return prompts
 
+    def _wants_sampling_logprobs(self, step: int) -> bool:
+        """Whether `step`'s rollout asks the engine for sampling logprobs.
+
+        A run with max_staleness > 0 may train a batch off-policy, where the
+        importance ratio corrects with them: always. A strictly on-policy run
+        trains every batch on the very weights that sampled it (the ratio is
+        then the trainer's own, see ``_train``), so it asks only on the steps
+        that measure logprob_gap.
+        """
+        if self.algo.max_staleness > 0:
+            return True
+        # Specs stored before the field existed hold 0: the default then too.
+        every = self.algo.logprob_gap_every or DEFAULT_LOGPROB_GAP_EVERY
+        return step == 1 or step % every == 0
+
     async def _generate_and_score(self, step: int) -> Rollout:
         version = self.record.latest_version
         group = self.algo.group_size
@@ -375,6 +391,7 @@ class ExperimentRunner:
                     # Chunk 0 keeps the step's seed: a step that fits one chunk
                     # samples exactly as it did before chunking existed.
                     seed=(base_seed + index) % (2**31),
+                    skip_logprobs=not self._wants_sampling_logprobs(step),
                 ),
                 experiment_id=self.exp,
             )

@@ -133,7 +133,7 @@ def metrics_to_pb(m: TrainMetrics) -> metrics_pb2.TrainMetrics:
         clip_fraction=m.clip_fraction,
         grad_norm=m.grad_norm,
         entropy=m.entropy,
-        logprob_gap=m.logprob_gap,
+        logprob_gap=m.logprob_gap,  # None leaves the optional field unset
         num_sequences=m.num_sequences,
         num_loss_tokens=m.num_loss_tokens,
         fused_batch_adapters=m.fused_batch_adapters,

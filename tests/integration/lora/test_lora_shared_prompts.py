@@ -124,9 +124,12 @@ def test_shared_prompts_give_the_full_pass_gradients(request, monkeypatch, model
             assert full.abs().max() > 0
             assert (shared - full).abs().max().item() < GRAD_TOL
     for shared, full in zip(results[True], results[False], strict=True):
-        for field in ("loss", "clip_fraction", "entropy", "logprob_gap", "grad_norm"):
+        for field in ("loss", "clip_fraction", "entropy", "grad_norm"):
             assert math.isclose(getattr(shared.metrics, field), getattr(full.metrics, field),
                                 rel_tol=1e-4, abs_tol=1e-6), field
+        # A request whose samples carry no sampling logprobs measures no gap.
+        gaps = (shared.metrics.logprob_gap, full.metrics.logprob_gap)
+        assert gaps == (None, None) or math.isclose(*gaps, rel_tol=1e-4, abs_tol=1e-6), gaps
         assert shared.metrics.num_loss_tokens == full.metrics.num_loss_tokens
 
 

@@ -301,6 +301,39 @@ async def test_on_policy_update_ignores_the_engines_logprob_rounding(trainer):
     assert off_a.grad_norm != off_b.grad_norm
 
 
+async def test_on_policy_samples_may_leave_out_sampling_logprobs(trainer):
+    """On-policy, the engine's logprobs only feed logprob_gap: samples without
+    them train exactly as with them, and the gap is reported as unmeasured.
+    Off-policy they are the ratio's behaviour policy, and leaving them out is
+    refused."""
+    from lorafleet.api.trainer.v1 import trainer_pb2
+
+    client = trainer.client
+    samples = random_samples(random.Random(17), 6)
+    bare = []
+    for s in samples:
+        copy = trainer_pb2.TrainSample()
+        copy.CopyFrom(s)
+        del copy.sampling_logprobs[:]
+        bare.append(copy)
+    on_policy = trainer_pb2.LossConfig(kind=trainer_pb2.LOSS_KIND_POLICY_GRADIENT,
+                                       on_policy=True)
+    out = []
+    for name, batch in (("with", samples), ("without", bare)):
+        await client.create_adapter(name, lora=LORA_8, optimizer=OPT, seed=3)
+        metrics = (await client.train_step(name, batch, loss=on_policy)).metrics
+        out.append((metrics, await client.compute_logprobs(PROBE, adapter_id=name)))
+    (with_m, with_lp), (without_m, without_lp) = out
+    assert (with_m.loss, with_m.grad_norm) == (without_m.loss, without_m.grad_norm)
+    assert with_lp == without_lp
+    assert with_m.HasField("logprob_gap") and not without_m.HasField("logprob_gap")
+    off_policy = trainer_pb2.LossConfig(kind=trainer_pb2.LOSS_KIND_POLICY_GRADIENT)
+    with pytest.raises(InvalidArgument) as info:
+        await client.train_step("without", bare, loss=off_policy)
+    assert info.value.reason == "LOGPROBS_LENGTH_MISMATCH"
+    assert (await client.train_step("without", bare, loss=on_policy)).step == 2  # unchanged
+
+
 async def test_save_and_load_state(trainer):
     client = trainer.client
     await client.create_adapter("exp", lora=LORA_4, optimizer=OPT)

@@ -212,6 +212,21 @@ def test_merged_train_metrics_weigh_chunks_by_loss_tokens():
     assert merged.entropy == pytest.approx(1.25)
     assert (merged.num_loss_tokens, merged.num_sequences, merged.fused_batch_adapters) == (40, 4, 3)
     assert merged.grad_norm == pytest.approx(0.7)
+    assert not merged.HasField("logprob_gap")  # no chunk carried sampling logprobs
+
+
+def test_merged_logprob_gap_counts_only_chunks_that_measured_it():
+    from lorafleet.api.common.v1 import metrics_pb2
+    from lorafleet.scheduler.batching import merge_train_metrics
+
+    parts = [
+        metrics_pb2.TrainMetrics(logprob_gap=0.3, num_loss_tokens=30),
+        metrics_pb2.TrainMetrics(num_loss_tokens=50),  # on-policy, no sampling logprobs
+        metrics_pb2.TrainMetrics(logprob_gap=0.1, num_loss_tokens=10),
+    ]
+    merged = merge_train_metrics(parts, grad_norm=0.0)
+    assert merged.HasField("logprob_gap")
+    assert merged.logprob_gap == pytest.approx((0.3 * 30 + 0.1 * 10) / 40)
 
 
 async def test_a_hog_holds_at_most_its_share_while_others_are_active():

@@ -6,7 +6,12 @@ import pytest
 
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
 from lorafleet.core.errors import FailedPrecondition, InvalidArgument
-from lorafleet.scheduler.spec import DEFAULT_GROUP_SIZE, DEFAULT_LEARNING_RATE, normalise_spec
+from lorafleet.scheduler.spec import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_LOGPROB_GAP_EVERY,
+    normalise_spec,
+)
 from lorafleet.scheduler.types import NodeRecord
 
 NODES = [NodeRecord("node-0", "r:1", "t:1", base_model="tiny", slots=4, max_rank=16)]
@@ -27,6 +32,7 @@ def test_defaults_are_filled_and_input_is_not_mutated():
     assert normalised.algorithm.group_size == DEFAULT_GROUP_SIZE
     assert normalised.algorithm.learning_rate == DEFAULT_LEARNING_RATE
     assert normalised.algorithm.algorithm == pb.ALGORITHM_GRPO
+    assert normalised.algorithm.logprob_gap_every == DEFAULT_LOGPROB_GAP_EVERY
     assert normalised.lora.alpha == 16.0
     assert normalised.weight == 1.0
     assert original.algorithm.group_size == 0
@@ -42,6 +48,7 @@ def test_defaults_are_filled_and_input_is_not_mutated():
         (lambda s: s.__setattr__("base_model", ""), "BASE_MODEL_REQUIRED"),
         (lambda s: s.lora.__setattr__("rank", -2), "INVALID_RANK"),
         (lambda s: s.algorithm.__setattr__("max_staleness", 99), "INVALID_MAX_STALENESS"),
+        (lambda s: s.algorithm.__setattr__("logprob_gap_every", -1), "INVALID_LOGPROB_GAP_EVERY"),
         (
             lambda s: s.environment.remote.__setattr__("address", "nohost"),
             "INVALID_ENVIRONMENT_ADDRESS",

@@ -78,7 +78,7 @@ class EnvironmentSpec(_message.Message):
     def __init__(self, builtin: _Optional[_Union[BuiltinEnvironment, _Mapping]] = ..., remote: _Optional[_Union[RemoteEnvironment, _Mapping]] = ...) -> None: ...
 
 class AlgorithmSpec(_message.Message):
-    __slots__ = ("algorithm", "prompts_per_step", "group_size", "learning_rate", "clip_epsilon", "kl_coef", "max_steps", "max_staleness", "temperature", "max_tokens", "eval_every", "eval_prompts", "max_grad_norm", "weight_decay", "exact_match_reward")
+    __slots__ = ("algorithm", "prompts_per_step", "group_size", "learning_rate", "clip_epsilon", "kl_coef", "max_steps", "max_staleness", "temperature", "max_tokens", "eval_every", "eval_prompts", "max_grad_norm", "weight_decay", "exact_match_reward", "logprob_gap_every")
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class AlgorithmSpec(_message.Message):
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     EXACT_MATCH_REWARD_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_GAP_EVERY_FIELD_NUMBER: _ClassVar[int]
     algorithm: Algorithm
     prompts_per_step: int
     group_size: int
@@ -109,7 +110,8 @@ class AlgorithmSpec(_message.Message):
     max_grad_norm: float
     weight_decay: float
     exact_match_reward: bool
-    def __init__(self, algorithm: _Optional[_Union[Algorithm, str]] = ..., prompts_per_step: _Optional[int] = ..., group_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_epsilon: _Optional[float] = ..., kl_coef: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_staleness: _Optional[int] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., eval_every: _Optional[int] = ..., eval_prompts: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., weight_decay: _Optional[float] = ..., exact_match_reward: _Optional[bool] = ...) -> None: ...
+    logprob_gap_every: int
+    def __init__(self, algorithm: _Optional[_Union[Algorithm, str]] = ..., prompts_per_step: _Optional[int] = ..., group_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_epsilon: _Optional[float] = ..., kl_coef: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_staleness: _Optional[int] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., eval_every: _Optional[int] = ..., eval_prompts: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., weight_decay: _Optional[float] = ..., exact_match_reward: _Optional[bool] = ..., logprob_gap_every: _Optional[int] = ...) -> None: ...
 
 class ExperimentSpec(_message.Message):
     __slots__ = ("display_name", "base_model", "environment", "lora", "algorithm", "weight", "seed", "labels")
