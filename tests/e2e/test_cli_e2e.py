@@ -133,6 +133,11 @@ def test_cli_drives_an_experiment_through_its_lifecycle(workdir: Path) -> None:
     steps = [int(e["step"]["step"]) for e in events if "step" in e]
     assert steps == list(range(1, int(final["currentStep"]) + 1))
     assert steps[-1] > step_at_pause
+    # On-policy: vLLM's sampling logprobs (and so logprob_gap) only at step 1
+    # and every 10th step.
+    gapped = [int(e["step"]["step"]) for e in events
+              if "step" in e and "logprobGap" in e["step"]["train"]]
+    assert gapped == [s for s in steps if s == 1 or s % 10 == 0]
     # The human view renders the same run as a table.
     assert "cli-count" in run_cli(workdir, "watch", "cli-count").stdout
 

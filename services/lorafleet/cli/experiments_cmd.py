@@ -11,6 +11,7 @@ from typing import Any
 import click
 import yaml
 from google.protobuf import json_format
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -113,6 +114,13 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--group-size", type=int, default=0, help="Samples per prompt (0 = 8).")
 @click.option("--prompts-per-step", type=int, default=0, help="0 = 16.")
 @click.option("--max-staleness", type=int, default=0, help="Off-policy pipelining depth.")
+@click.option(
+    "--logprob-gap-every",
+    type=int,
+    default=0,
+    help="On-policy runs: measure logprob_gap (vLLM vs trainer) every N steps "
+    "(0 = 10, 1 = every step).",
+)
 @click.option("--weight", type=float, default=1.0, show_default=True, help="Fair-share weight.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--base-model", default="tiny", show_default=True)
@@ -129,6 +137,7 @@ def submit_command(
     group_size,
     prompts_per_step,  # type: ignore[no-untyped-def]
     max_staleness,
+    logprob_gap_every,
     weight,
     seed,
     base_model,
@@ -150,6 +159,7 @@ def submit_command(
             group_size=group_size,
             learning_rate=lr,
             max_staleness=max_staleness,
+            logprob_gap_every=logprob_gap_every,
             weight=weight,
             seed=seed,
             display_name=display_name,
@@ -229,20 +239,23 @@ cancel_command = _lifecycle_action("cancel", "cancel", "Cancel an experiment.")
 
 
 def _steps_table(experiment_id: str, rows: list[pb.WatchExperimentResponse], state: str) -> Table:
-    table = Table(title=f"{experiment_id} ({state})")
+    # A light box and short headers, so eleven columns of numbers fit an
+    # 80-column terminal without truncation.
+    table = Table(title=f"{experiment_id} ({state})", box=box.SIMPLE_HEAD, padding=0)
     for column in (
         "step",
-        "version",
+        "ver",
         "reward",
-        "accuracy",
-        "eval acc",
+        "acc",
+        "eval",
         "loss",
         "kl",
-        "rollout ms",
+        "lp gap",
+        "roll ms",
         "train ms",
         "tok/s",
     ):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=True)
     for event in rows[-20:]:
         m = event.step
         tok_s = m.rollout_tokens / (m.times.step_ms / 1000) if m.times.step_ms else 0.0
@@ -254,6 +267,8 @@ def _steps_table(experiment_id: str, rows: list[pb.WatchExperimentResponse], sta
             f"{m.eval_accuracy:.3f}" if m.HasField("eval_accuracy") else "",
             f"{m.train.loss:.4f}",
             f"{m.train.kl:.4f}",
+            # Measured only on the steps that asked vLLM for sampling logprobs.
+            f"{m.train.logprob_gap:.1e}" if m.train.HasField("logprob_gap") else "",
             f"{m.times.rollout_ms:.0f}",
             f"{m.times.train_ms:.0f}",
             f"{tok_s:.0f}",
