@@ -264,6 +264,30 @@ async def test_dropping_zero_advantage_samples_keeps_the_update(trainer):
     assert off_base > 1e-4  # training moved it off the base
 
 
+def with_sampling_logprobs(samples, rewrite):
+    """Copies of `samples` whose sampling logprobs are `rewrite(logprobs)`."""
+    from lorafleet.api.trainer.v1 import trainer_pb2
+
+    out = []
+    for s in samples:
+        copy = trainer_pb2.TrainSample()
+        copy.CopyFrom(s)
+        copy.sampling_logprobs[:] = rewrite(list(s.sampling_logprobs))
+        out.append(copy)
+    return out
+
+
+async def train_fresh_adapters(client, batches, loss, seed):
+    """One step of a fresh adapter per (name, batch): its metrics and the
+    logprobs it then gives PROBE."""
+    out = []
+    for name, batch in batches:
+        await client.create_adapter(name, lora=LORA_8, optimizer=OPT, seed=seed)
+        metrics = (await client.train_step(name, batch, loss=loss)).metrics
+        out.append((metrics, await client.compute_logprobs(PROBE, adapter_id=name)))
+    return out
+
+
 async def test_on_policy_update_ignores_the_engines_logprob_rounding(trainer):
     """With on_policy the importance ratio comes from the trainer's own logprobs:
     the same tokens give the same update whatever sampling logprobs came with
@@ -272,22 +296,14 @@ async def test_on_policy_update_ignores_the_engines_logprob_rounding(trainer):
 
     client = trainer.client
     samples = random_samples(random.Random(13), 6)
-    nudged = []
-    for s in samples:
-        copy = trainer_pb2.TrainSample()
-        copy.CopyFrom(s)
-        copy.sampling_logprobs[:] = [x + 0.25 * ((i % 3) - 1) for i, x in
-                                     enumerate(s.sampling_logprobs)]
-        nudged.append(copy)
+    nudged = with_sampling_logprobs(
+        samples, lambda lps: [x + 0.25 * ((i % 3) - 1) for i, x in enumerate(lps)]
+    )
 
     async def train_both(on_policy: bool):
         loss = trainer_pb2.LossConfig(kind=trainer_pb2.LOSS_KIND_POLICY_GRADIENT,
                                       on_policy=on_policy)
-        out = []
-        for name, batch in (("a", samples), ("b", nudged)):
-            await client.create_adapter(name, lora=LORA_8, optimizer=OPT, seed=2)
-            metrics = (await client.train_step(name, batch, loss=loss)).metrics
-            out.append((metrics, await client.compute_logprobs(PROBE, adapter_id=name)))
+        out = await train_fresh_adapters(client, (("a", samples), ("b", nudged)), loss, seed=2)
         for name in ("a", "b"):
             await client.drop_adapter(name)
         return out
@@ -310,20 +326,12 @@ async def test_on_policy_samples_may_leave_out_sampling_logprobs(trainer):
 
     client = trainer.client
     samples = random_samples(random.Random(17), 6)
-    bare = []
-    for s in samples:
-        copy = trainer_pb2.TrainSample()
-        copy.CopyFrom(s)
-        del copy.sampling_logprobs[:]
-        bare.append(copy)
+    bare = with_sampling_logprobs(samples, lambda lps: [])
     on_policy = trainer_pb2.LossConfig(kind=trainer_pb2.LOSS_KIND_POLICY_GRADIENT,
                                        on_policy=True)
-    out = []
-    for name, batch in (("with", samples), ("without", bare)):
-        await client.create_adapter(name, lora=LORA_8, optimizer=OPT, seed=3)
-        metrics = (await client.train_step(name, batch, loss=on_policy)).metrics
-        out.append((metrics, await client.compute_logprobs(PROBE, adapter_id=name)))
-    (with_m, with_lp), (without_m, without_lp) = out
+    (with_m, with_lp), (without_m, without_lp) = await train_fresh_adapters(
+        client, (("with", samples), ("without", bare)), on_policy, seed=3
+    )
     assert (with_m.loss, with_m.grad_norm) == (without_m.loss, without_m.grad_norm)
     assert with_lp == without_lp
     assert with_m.HasField("logprob_gap") and not without_m.HasField("logprob_gap")
