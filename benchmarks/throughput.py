@@ -7,8 +7,8 @@ Three arms, in one run on one machine, with the same experiment specs and seeds:
    (registry, trainer, rollout, scheduler: the mesh ``lorafleet up`` starts),
    stopped after it, one experiment after another. An experiment's time runs
    from the start of its stack to its end.
-2. ``single_tenant_warm``: one hot stack, experiments submitted one after another
-   (each once the previous one has finished).
+2. ``single_tenant_warm``: each experiment alone on a hot stack, one after
+   another.
 3. ``lorafleet``: one hot stack, all N experiments submitted at once.
 
 Experiment i runs built-in task ``tasks[i % len(tasks)]`` with seed ``seed + i``;
@@ -20,14 +20,17 @@ Method (see also benchmarks/README.md):
 
 - Makespan: cold = the sum of its experiments' times (stack start to end);
   teardown between stacks is left out (reported as ``teardown_s``), so the cold
-  baseline is, if anything, faster than a real one. Warm = first submit to last
-  end, lorafleet = submit to the last end.
+  baseline is, if anything, faster than a real one. Warm = the sum of its
+  experiments' times (submit to end), lorafleet = submit to the last end.
 - The single-tenant arms are sequential, so the arm at N is exactly the first N
   experiments of the arm at the largest N: they run once, for the largest N, and
   each smaller N reads its prefix.
-- The hot stack of arms 2 and 3 is the stack started for the last cold
-  experiment, kept running: a stack that has served an experiment is what "hot"
-  means, and it saves one start.
+- Order: the arms are interleaved, because the machine's speed drifts over a
+  run. Experiment i runs cold on a fresh stack, then warm on that same stack (a
+  stack that has served an experiment is what "hot" means), and the stack is
+  stopped. The concurrent arms run, largest N first, on the hot stack of
+  experiment ceil(N_max / 2) - 1, i.e. in the middle of the single-tenant
+  sequence. The JSON's ``schedule`` lists what ran when.
 - ``warm_experiment_at_least_cold_start``: every experiment, alone on a hot
   stack, takes at least as long as the slowest measured stack start, so the
   cold arm's start-up alone cannot make the speedup.
@@ -429,12 +432,17 @@ def stack_cpu_s(stack: BenchStack) -> dict[str, float]:
     return used
 
 
+def cpu_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """CPU each service used between two readings. A child that exited between
+    them (a restarted vLLM engine) takes its time out of the tree; such a service
+    counts 0 rather than a negative time."""
+    return {name: max(0.0, after[name] - before.get(name, 0.0)) for name in after}
+
+
 def cpu_used(before: Mapping[str, float], after: Mapping[str, float],
              seconds: float) -> dict[str, Any]:
-    """CPU each service used between two readings, and the cores kept busy. A
-    child that exited between them (a restarted vLLM engine) takes its time out
-    of the tree; such a service counts 0 rather than a negative time."""
-    by_service = {name: max(0.0, after[name] - before.get(name, 0.0)) for name in after}
+    """CPU each service used between two readings, and the cores kept busy."""
+    by_service = cpu_delta(before, after)
     total = sum(by_service.values())
     return {
         "by_service_s": by_service,
@@ -470,6 +478,27 @@ def run_alone(client: SchedulerClient, plan: Planned, experiment_id: str, consol
                 steps.append(event.step)
                 live.update(live_table([client.get(experiment_id)], started, title))
     return RunResult(client.get(experiment_id), steps)
+
+
+def run_at_once(client: SchedulerClient, stack: BenchStack, plans: Sequence[Planned],
+                progress: Console) -> tuple[list[Outcome], tuple[dict[str, float],
+                                                               dict[str, float]]]:
+    """Submit the experiments all at once to the hot stack and follow them to the
+    end; their outcomes and the stack's CPU readings before and after."""
+    n = len(plans)
+    ids = [p.experiment_id(f"lf-n{n}") for p in plans]
+    started_at, started = time.time(), time.monotonic()
+    before = stack_cpu_s(stack)
+    for plan, experiment_id in zip(plans, ids, strict=True):
+        client.submit(plan.spec, experiment_id=experiment_id)
+    follow_live(client, ids, progress, started=started, title=f"{ARM_LABELS['lorafleet']} N={n}")
+    after = stack_cpu_s(stack)
+    results = collect(client, ids)
+    outcomes = [
+        outcome_of("lorafleet", plan, result, started_at)
+        for plan, result in zip(plans, results, strict=True)
+    ]
+    return outcomes, (before, after)
 
 
 def _load() -> list[float]:
@@ -554,7 +583,8 @@ def arm_summary(outcomes: list[Outcome], makespan_s: float) -> dict[str, Any]:
 def makespan(arm: str, outcomes: list[Outcome]) -> float:
     if not all(o.completed for o in outcomes):
         return math.nan
-    if arm == "single_tenant_cold":
+    if arm != "lorafleet":
+        # One after another, interleaved with the other arms: the sum of their times.
         return sum(o.completion_s for o in outcomes)
     return max(o.end_at for o in outcomes) - min(o.started_at for o in outcomes)  # type: ignore[type-var]
 
@@ -595,59 +625,51 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
     concurrent: dict[int, list[Outcome]] = {}
     cold_starts: list[float] = []
     teardowns: list[float] = []
+    schedule: list[dict[str, Any]] = []
     # CPU readings: per cold experiment (its stack from birth, start-up included),
-    # the hot stack before and after each warm experiment, around each N at once.
+    # per warm experiment (its hot stack before and after), around each N at once.
     cold_cpu: list[dict[str, float]] = []
     warm_cpu: list[dict[str, float]] = []
     concurrent_cpu: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
-    stack: BenchStack | None = None
-    try:
-        # Arm 1: a fresh stack per experiment; the last one stays up as the hot stack.
-        for plan in plans:
-            label = f"{ARM_LABELS['single_tenant_cold']} {plan.index + 1}/{n_max}"
-            started_at = time.time()
-            stack, start_s = start_stack(stacks_dir / f"cold-{plan.index}", config, progress,
-                                         label)
+    clock = time.monotonic()
+
+    def ran(what: str, started: float) -> None:
+        schedule.append({"run": what, "from_s": started - clock, "to_s": time.monotonic() - clock})
+
+    # Interleaved against the machine's drift (module docstring, "Order"): a
+    # drift steady over the run weighs on the single-tenant arms at the largest
+    # N as much before the concurrent arms as after them.
+    middle = (n_max + 1) // 2
+    for plan in plans:
+        label = f"{ARM_LABELS['single_tenant_cold']} {plan.index + 1}/{n_max}"
+        started_at, started = time.time(), time.monotonic()
+        stack, start_s = start_stack(stacks_dir / f"stack-{plan.index}", config, progress, label)
+        try:
             cold_starts.append(start_s)
             with SchedulerClient(stack.services["scheduler"].address) as client:
                 result = run_alone(client, plan, plan.experiment_id("cold"), progress, label)
-            cold.append(outcome_of("single_tenant_cold", plan, result, started_at, start_s))
-            cold_cpu.append(stack_cpu_s(stack))
-            if plan.index < n_max - 1:
-                teardowns.append(stop_stack(stack, progress))
-                stack = None
-        load["after_cold"] = _load()
-        assert stack is not None
-        with SchedulerClient(stack.services["scheduler"].address) as client:
-            # Arm 2: the same experiments one after another on the hot stack.
-            warm_cpu.append(stack_cpu_s(stack))
-            for plan in plans:
+                cold.append(outcome_of("single_tenant_cold", plan, result, started_at, start_s))
+                cold_cpu.append(stack_cpu_s(stack))
+                ran(f"single_tenant_cold {plan.index}", started)
+
                 label = f"{ARM_LABELS['single_tenant_warm']} {plan.index + 1}/{n_max}"
-                started_at = time.time()
+                started_at, started = time.time(), time.monotonic()
                 result = run_alone(client, plan, plan.experiment_id("warm"), progress, label)
                 warm.append(outcome_of("single_tenant_warm", plan, result, started_at))
-                warm_cpu.append(stack_cpu_s(stack))
-            load["after_warm"] = _load()
-            # Arm 3: all N at once, for every N.
-            for n in config.n:
-                ids = [p.experiment_id(f"lf-n{n}") for p in plans[:n]]
-                started_at = time.time()
-                started = time.monotonic()
-                before = stack_cpu_s(stack)
-                for plan, experiment_id in zip(plans[:n], ids, strict=True):
-                    client.submit(plan.spec, experiment_id=experiment_id)
-                follow_live(client, ids, progress, started=started,
-                            title=f"{ARM_LABELS['lorafleet']} N={n}")
-                concurrent_cpu[n] = (before, stack_cpu_s(stack))
-                results = collect(client, ids)
-                concurrent[n] = [
-                    outcome_of("lorafleet", plan, result, started_at)
-                    for plan, result in zip(plans[:n], results, strict=True)
-                ]
-                load[f"after_lorafleet_n{n}"] = _load()
-    finally:
-        if stack is not None:
-            stop_stack(stack, progress)
+                warm_cpu.append(cpu_delta(cold_cpu[-1], stack_cpu_s(stack)))
+                ran(f"single_tenant_warm {plan.index}", started)
+                load[f"after_experiment_{plan.index}"] = _load()
+
+                if plan.index == middle - 1:
+                    for n in sorted(config.n, reverse=True):
+                        started = time.monotonic()
+                        concurrent[n], concurrent_cpu[n] = run_at_once(
+                            client, stack, plans[:n], progress
+                        )
+                        ran(f"lorafleet N={n}", started)
+                        load[f"after_lorafleet_n{n}"] = _load()
+        finally:
+            teardowns.append(stop_stack(stack, progress))
 
     arms: dict[str, dict[str, Any]] = {arm: {} for arm in ARMS}
     spans: dict[str, dict[int, float]] = {arm: {} for arm in ARMS}
@@ -662,8 +684,8 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
         arms["single_tenant_cold"][str(n)]["cpu"] = summed_cpu(
             cold_cpu[:n], spans["single_tenant_cold"][n]
         )
-        arms["single_tenant_warm"][str(n)]["cpu"] = cpu_used(
-            warm_cpu[0], warm_cpu[n], spans["single_tenant_warm"][n]
+        arms["single_tenant_warm"][str(n)]["cpu"] = summed_cpu(
+            warm_cpu[:n], spans["single_tenant_warm"][n]
         )
         arms["lorafleet"][str(n)]["cpu"] = cpu_used(*concurrent_cpu[n], spans["lorafleet"][n])
     speedups = {
@@ -713,6 +735,7 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
                 "each": cold_starts,
             },
             "teardown_s": teardowns,
+            "schedule": schedule,
             "all_completed": all_completed,
             "speedups": speedups,
             "arms": arms,
@@ -869,7 +892,7 @@ def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path
     if not result["all_completed"]:
         console.print("[bold red]some experiments did not complete; see the JSON and "
                       f"the service logs under {result['stacks_dir']}[/]")
-    console.print(f"load average (1/5/15 min) per arm: {result['machine']['load_average']}")
+    console.print(f"load average (1/5/15 min) along the run: {result['machine']['load_average']}")
     console.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
 

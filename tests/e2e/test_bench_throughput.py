@@ -137,3 +137,25 @@ def test_cpu_accounting_covers_every_service(quick_run: dict) -> None:
     cold = result["arms"]["single_tenant_cold"]["1"]["cpu"]["total_s"]
     warm = result["arms"]["single_tenant_warm"]["1"]["cpu"]["total_s"]
     assert cold > warm
+
+
+def test_schedule_interleaves_the_arms(quick_run: dict) -> None:
+    """Experiment i runs cold then warm; the concurrent arms, largest N first, run
+    in the middle of that sequence (after experiment ceil(N_max / 2) - 1)."""
+    result = quick_run["json"]
+    n_max, ns = result["n_max"], result["config"]["n"]
+    middle = (n_max + 1) // 2
+    expected = []
+    for i in range(n_max):
+        expected += [f"single_tenant_cold {i}", f"single_tenant_warm {i}"]
+        if i == middle - 1:
+            expected += [f"lorafleet N={n}" for n in sorted(ns, reverse=True)]
+    schedule = result["schedule"]
+    assert [entry["run"] for entry in schedule] == expected
+    for earlier, later in zip(schedule, schedule[1:], strict=False):
+        assert 0 <= earlier["from_s"] < earlier["to_s"] <= later["from_s"] + 1e-3
+    # Interleaved sequential arms: their makespan is the sum of their times.
+    for arm in ("single_tenant_cold", "single_tenant_warm"):
+        for summary in result["arms"][arm].values():
+            times = [e["completion_s"] for e in summary["experiments"]]
+            assert summary["makespan_s"] == pytest.approx(sum(times), rel=1e-3)
