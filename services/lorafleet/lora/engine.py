@@ -261,6 +261,12 @@ class TrainEngine:
         with self._lock:
             return self._info(name)
 
+    def steps_taken(self, name: str | None) -> int:
+        """Optimizer steps adapter ``name`` has taken (0 when unknown). Read without
+        the engine's lock: a scheduling hint, never used for a decision about state."""
+        slot = self._slots.get(name) if name is not None else None
+        return slot.optimizer.step_count if slot is not None else 0
+
     def adapters(self) -> list[AdapterInfo]:
         with self._lock:
             return [self._info(n) for n in self._slots]

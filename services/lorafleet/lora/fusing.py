@@ -14,6 +14,14 @@ the same adapter. TrainStep and OptimStep requests of one adapter never share a
 batch (the second must see the first's update); ForwardBackward requests of one
 adapter may (gradients accumulate either way).
 
+Across adapters, an optional ``priority`` (lowest first; the trainer passes each
+adapter's optimizer step count) decides which waiting request goes next, so an
+experiment that has fallen behind catches up instead of queueing behind the
+others. With ``fuse=False`` every request runs in a pass of its own and returns
+as soon as that pass ends: where fusing saves nothing (CPU passes that keep
+requests in separate micro-batches cost what the requests cost one by one), a
+fused pass only makes every request wait for the last one.
+
 Each engine call is reported to an optional ``on_batch`` observer as a
 :class:`FusedBatch` (the trainer turns it into Prometheus metrics); the queue
 itself knows nothing of metrics, so the torch reference engine and tests use it
@@ -99,7 +107,9 @@ class FusingQueue:
 
     def __init__(self, engine: FusableEngine, *, max_wait_ms: float = 5.0,
                  max_batch_tokens: int = 65536,
-                 on_batch: Callable[[FusedBatch], None] | None = None) -> None:
+                 on_batch: Callable[[FusedBatch], None] | None = None,
+                 fuse: bool = True,
+                 priority: Callable[[str | None], float] | None = None) -> None:
         if max_wait_ms < 0 or max_batch_tokens < 1:
             raise ValueError("max_wait_ms must be >= 0 and max_batch_tokens >= 1")
         self.engine = engine
@@ -113,6 +123,8 @@ class FusingQueue:
         """Engine calls made so far (for tests and metrics)."""
         self.last_batch_sizes: list[int] = []
         self.on_batch = on_batch
+        self.fuse = fuse
+        self.priority = priority
 
     # --- public API ---------------------------------------------------------------
 
@@ -187,6 +199,12 @@ class FusingQueue:
         live = [it for it in self._pending if not it.future.done()]
         if not live:
             return [], False
+        if self.priority is not None:
+            # Stable, and one key per adapter: an adapter's requests keep their order.
+            keys = {it.adapter: self.priority(it.adapter) for it in live}
+            live.sort(key=lambda it: keys[it.adapter])
+        if not self.fuse:
+            return live[:1], True
         kind = live[0].kind
         batch: list[_Item] = []
         in_batch: set[str | None] = set()

@@ -79,6 +79,16 @@ class NodeSettings(ServiceSettings):
     # -- trainer -----------------------------------------------------------------------
     max_adapters: int = Field(default=8, ge=1, description="Trainer adapter slots.")
     max_rank: int = Field(default=16, ge=1, description="Largest LoRA rank the trainer accepts.")
+    fuse: bool | None = Field(
+        default=None,
+        description="Fuse concurrent train requests of different adapters into one pass. "
+        "Unset: on, except with batch-invariant passes (CPU), where it saves nothing.",
+    )
+    train_order: Literal["fewest_steps_first", "arrival"] = Field(
+        default="fewest_steps_first",
+        description="Which waiting train request goes next: the adapter with the fewest "
+        "optimizer steps first (experiments that fell behind catch up), or arrival order.",
+    )
     fuse_max_wait_ms: float = Field(
         default=5.0, ge=0, description="How long a train request waits for others to fuse with."
     )

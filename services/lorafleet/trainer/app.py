@@ -94,6 +94,8 @@ async def build_runtime(settings: TrainerSettings) -> TrainerRuntime:
         max_wait_ms=settings.fuse_max_wait_ms,
         max_batch_tokens=settings.fuse_max_batch_tokens,
         on_batch=trainer_metrics.observe_fused_batch,
+        fuse=settings.fuse if settings.fuse is not None else not engine.batch_invariant,
+        priority=engine.steps_taken if settings.train_order == "fewest_steps_first" else None,
     )
     trainer_metrics.track_engine(engine)
     cache = AdapterCache(settings.cache_path)

@@ -84,3 +84,47 @@ async def test_event_loop_stays_free_during_a_pass(engine):
     # The loop ran its ticker throughout the pass instead of blocking on torch.
     assert ticks >= max(2, int(elapsed / 0.002 * 0.2)), (ticks, elapsed)
     await queue.close()
+
+
+class _RecordingEngine:
+    """The engine, with the adapters of every train_step call in call order."""
+
+    def __init__(self, engine: TrainEngine) -> None:
+        self.engine = engine
+        self.calls: list[list[str]] = []
+
+    def train_step(self, requests):
+        self.calls.append([r.adapter for r in requests])
+        return self.engine.train_step(requests)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+async def test_unfused_fewest_steps_first(engine):
+    # Steps taken before: a 2, c 1, b 0.
+    warmup = FusingQueue(engine, max_wait_ms=0)
+    for seed, name in enumerate(("a", "a", "c")):
+        await warmup.train_step(_req(name, seed))
+    await warmup.close()
+    assert [engine.steps_taken(n) for n in ("a", "b", "c", "ghost")] == [2, 0, 1, 0]
+
+    recorder = _RecordingEngine(engine)
+    queue = FusingQueue(recorder, max_wait_ms=50, fuse=False, priority=engine.steps_taken)
+    # Arrival order a, a, c, b: the adapter with the fewest steps goes first, and
+    # a's two requests keep their order (its second sees its first's update).
+    results = await asyncio.gather(*(queue.train_step(_req(name, 10 + i)) for i, name in
+                                     enumerate(("a", "a", "c", "b"))))
+    assert recorder.calls == [["b"], ["c"], ["a"], ["a"]]
+    assert queue.batches_run == 4
+    assert [r.step for r in results] == [3, 4, 2, 1]
+    assert all(r.metrics.fused_batch_adapters == 1 for r in results)
+    await queue.close()
+
+    # Without a priority, unfused requests run in arrival order.
+    recorder.calls.clear()
+    queue = FusingQueue(recorder, max_wait_ms=50, fuse=False)
+    await asyncio.gather(*(queue.train_step(_req(name, 20 + i)) for i, name in
+                           enumerate(("a", "c", "b"))))
+    assert recorder.calls == [["a"], ["c"], ["b"]]
+    await queue.close()

@@ -37,7 +37,9 @@ async def trainer(tmp_path, trainer_llama_dir):
         adapter_cache_dir=str(tmp_path / "cache"),
         max_adapters=3,
         max_rank=8,
-        # Wide enough that requests sent together always meet in one batch.
+        # Fused passes (off by default on CPU), and a window wide enough that
+        # requests sent together always meet in one batch.
+        fuse=True,
         fuse_max_wait_ms=200.0,
         registry_address="127.0.0.1:1",
     )

@@ -35,7 +35,9 @@ async def mesh(tmp_path, trainer_llama_dir):
             node_id="node-m",
             registry_address=registry.address,
             max_adapters=SLOTS,
-            # Wide enough that three concurrent calls over loopback always meet.
+            # Fused (off by default on CPU), in a window wide enough that three
+            # concurrent calls over loopback always meet.
+            fuse=True,
             fuse_max_wait_ms=300,
         )
     )
