@@ -164,3 +164,27 @@ def test_grouped_lora_linear_follows_each_new_mapping(ops):
         assert torch.allclose(out, _per_row_lora(torch.zeros(4, 4), x, lora_a, lora_b, slots,
                                                  1.0, (4,)), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("lora_ids", [(1, 2, 1, 2), (2, 2, 2, 2)])
+def test_grouped_lora_linear_adds_into_a_bfloat16_output(ops, lora_ids):
+    """The delta is computed in float32 and added in the output's dtype, in both
+    the mixed-batch and the one-adapter path."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    gen = torch.Generator().manual_seed(4)
+    output_slices = (8, 4, 4)
+    lora_a = tuple(torch.randn(2, 1, 4, 8, generator=gen) for _ in output_slices)
+    lora_b = tuple(torch.randn(2, 1, size, 4, generator=gen) for size in output_slices)
+    x = torch.randn(4, 8, generator=gen).to(torch.bfloat16)
+    y = torch.randn(4, sum(output_slices), generator=gen)
+    wrapper = PunicaWrapperCPU(64, 8, "cpu")
+    wrapper.update_metadata(LoRAMapping(lora_ids, lora_ids), [1, 2], 2, 100)
+    out = y.to(torch.bfloat16)
+    wrapper.add_lora_linear(out, x, lora_a, lora_b, 0.5, output_slices)
+    x = x.float()
+    expected = _per_row_lora(y, x, lora_a, lora_b, [i - 1 for i in lora_ids], 0.5, output_slices)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, rtol=2e-2, atol=5e-2)
+    assert not torch.allclose(out.float(), y, rtol=2e-2, atol=5e-2)
