@@ -156,15 +156,18 @@ class AsyncTrainerClient(AsyncServiceClient):
         samples: Sequence[pb.TrainSample],
         *,
         loss: pb.LossConfig | str | None = None,
+        weight: float = 0.0,
         request_id: str | None = None,
         timeout_s: float = DEFAULT_TRAIN_TIMEOUT_S,
     ) -> pb.ForwardBackwardResponse:
-        """Accumulate the gradient of one batch (no update; see ``optim_step``)."""
+        """Accumulate the gradient of one batch (no update; see ``optim_step``).
+        ``weight``: the experiment's fair-share weight in the trainer's queue (0 = 1)."""
         request = pb.ForwardBackwardRequest(
             request_id=_rid(request_id),
             adapter_id=adapter_id,
             samples=list(samples),
             loss=loss_config(loss),
+            weight=weight,
         )
         return await self._unary(self.stub.ForwardBackward, request, timeout_s)
 
@@ -190,17 +193,20 @@ class AsyncTrainerClient(AsyncServiceClient):
         *,
         loss: pb.LossConfig | str | None = None,
         learning_rate: float = 0.0,
+        weight: float = 0.0,
         request_id: str | None = None,
         timeout_s: float = DEFAULT_TRAIN_TIMEOUT_S,
     ) -> pb.TrainStepResponse:
         """``forward_backward`` + ``optim_step`` in one call (fused with other
-        adapters' concurrent steps on the trainer)."""
+        adapters' concurrent steps on the trainer). ``weight`` as in
+        ``forward_backward``."""
         request = pb.TrainStepRequest(
             request_id=_rid(request_id),
             adapter_id=adapter_id,
             samples=list(samples),
             loss=loss_config(loss),
             learning_rate=learning_rate,
+            weight=weight,
         )
         return await self._unary(self.stub.TrainStep, request, timeout_s)
 

@@ -802,6 +802,8 @@ class TrainEngine:
         if req.learning_rate is not None and not (req.learning_rate > 0
                                                   and math.isfinite(req.learning_rate)):
             return invalid("learning_rate must be > 0", "INVALID_OPTIMIZER_CONFIG")
+        if not (req.weight > 0 and math.isfinite(req.weight)):
+            return invalid("weight must be a finite number > 0", "INVALID_WEIGHT")
         for i, s in enumerate(req.samples):
             err = self._validate_sequence(s.sequence, i, need_completion=True)
             if err is not None:

@@ -17,8 +17,13 @@ adapter may (gradients accumulate either way).
 Across adapters, an optional ``priority`` (lowest first; the trainer passes each
 adapter's optimizer step count) decides which waiting request goes next, so an
 experiment that has fallen behind catches up instead of queueing behind the
-others. With ``fuse=False`` every request runs in a pass of its own and returns
-as soon as that pass ends: where fusing saves nothing (CPU passes that keep
+others. It is divided by the weight of the adapter's newest waiting train
+request (``TrainRequest.weight``, the experiment's fair-share weight; an
+adapter's logprob and optimizer-step requests carry none), so an
+experiment of weight 2 is served as if it had taken half its steps: it may run
+up to twice as many steps as one of weight 1 when the trainer is the bottleneck.
+With ``fuse=False`` every request runs in a pass of its own and returns as soon
+as that pass ends: where fusing saves nothing (CPU passes that keep
 requests in separate micro-batches cost what the requests cost one by one), a
 fused pass only makes every request wait for the last one.
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -201,7 +207,10 @@ class FusingQueue:
             return [], False
         if self.priority is not None:
             # Stable, and one key per adapter: an adapter's requests keep their order.
-            keys = {it.adapter: self.priority(it.adapter) for it in live}
+            weights = {it.adapter: _weight(it.payload) for it in live
+                       if isinstance(it.payload, TrainRequest)}
+            keys = {it.adapter: self.priority(it.adapter) / weights.get(it.adapter, 1.0)
+                    for it in live}
             live.sort(key=lambda it: keys[it.adapter])
         if not self.fuse:
             return live[:1], True
@@ -288,6 +297,12 @@ def _optim_steps(engine: FusableEngine, payloads: list[tuple[str, float | None]]
         except Exception as e:  # noqa: BLE001 - one adapter's failure is its own
             out.append(e)
     return out
+
+
+def _weight(request: TrainRequest) -> float:
+    """A train request's fair-share weight; 1 unless finite and > 0 (the engine
+    fails such a request with INVALID_WEIGHT when it runs)."""
+    return request.weight if 0 < request.weight < math.inf else 1.0
 
 
 def _padded_tokens_train(request: TrainRequest) -> int:

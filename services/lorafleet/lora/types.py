@@ -121,6 +121,9 @@ class TrainRequest:
     learning_rate: float | None = None
     """TrainStep only: override the adapter's learning rate for this step."""
     request_id: str = ""
+    weight: float = 1.0
+    """Fair-share weight of the experiment it trains: a queue that serves the
+    adapter with the fewest optimizer steps first counts steps / weight."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.samples, tuple):

@@ -87,7 +87,8 @@ class NodeSettings(ServiceSettings):
     train_order: Literal["fewest_steps_first", "arrival"] = Field(
         default="fewest_steps_first",
         description="Which waiting train request goes next: the adapter with the fewest "
-        "optimizer steps first (experiments that fell behind catch up), or arrival order.",
+        "optimizer steps / fair-share weight first (experiments that fell behind catch up), or "
+        "arrival order.",
     )
     fuse_max_wait_ms: float = Field(
         default=5.0, ge=0, description="How long a train request waits for others to fuse with."

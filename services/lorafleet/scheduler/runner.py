@@ -556,6 +556,7 @@ class ExperimentRunner:
                     samples=batch.samples,
                     loss=loss,
                     learning_rate=self.algo.learning_rate,
+                    weight=self.spec.weight,
                 ),
             )
             return trained.metrics, train_ms, waited_ms
@@ -571,6 +572,7 @@ class ExperimentRunner:
                     adapter_id=rec.adapter_id,
                     samples=samples,
                     loss=chunk_loss,
+                    weight=self.spec.weight,
                 ),
             )
             train_ms += ms

@@ -10,9 +10,12 @@ Defaults decided here (the proto leaves them to the server):
 - ``LossConfig.kind`` UNSPECIFIED -> the policy-gradient (GRPO) loss, the RL
   default; clip_low/clip_high of 0 mean 0.2.
 - A learning rate of 0 on TrainStep/OptimStep means "the adapter's own".
+- A weight of 0 on TrainStep/ForwardBackward means 1.
 """
 
 from __future__ import annotations
+
+import math
 
 from lorafleet.api.common.v1 import adapter_pb2, metrics_pb2, sampling_pb2
 from lorafleet.api.trainer.v1 import trainer_pb2 as pb
@@ -123,7 +126,22 @@ def train_request_from_pb(
         loss=loss_from_pb(request.loss),
         learning_rate=lr,
         request_id=request.request_id,
+        weight=weight_from_pb(request.weight),
     )
+
+
+def weight_from_pb(weight: float) -> float:
+    """A request's fair-share weight: 0 (unset) means 1; otherwise it must be a
+    finite number > 0 (INVALID_ARGUMENT before the request is queued)."""
+    if weight == 0:
+        return 1.0
+    if not (weight > 0 and math.isfinite(weight)):
+        raise InvalidArgument(
+            f"weight must be a finite number > 0 (or 0 for 1), got {weight}",
+            reason="INVALID_WEIGHT",
+            metadata={"field": "weight"},
+        )
+    return float(weight)
 
 
 def metrics_to_pb(m: TrainMetrics) -> metrics_pb2.TrainMetrics:

@@ -132,6 +132,7 @@ def test_fused_gradients_equal_separate(llama_dir, variant):
         (TrainRequest("a", (TrainSample(TokenSequence((1, 2), 2), ()),)),
          "INVALID_PROMPT_LENGTH"),
         (TrainRequest("a", ()), "EMPTY_REQUEST"),
+        (TrainRequest("a", _requests()[0].samples, weight=0.0), "INVALID_WEIGHT"),
     ],
 )
 def test_bad_request_fails_alone(engine, bad, reason):

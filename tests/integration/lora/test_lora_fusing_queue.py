@@ -4,6 +4,7 @@ the event loop stays responsive while torch runs."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -119,6 +120,18 @@ async def test_unfused_fewest_steps_first(engine):
     assert queue.batches_run == 4
     assert [r.step for r in results] == [3, 4, 2, 1]
     assert all(r.metrics.fused_batch_adapters == 1 for r in results)
+    await queue.close()
+
+    # Steps count per unit of fair-share weight. Steps now: a 4, b 1, c 2. At
+    # weight 8, a (4 / 8) goes before b (1 / 1) and c (2 / 1), and stays ahead
+    # after its first step (5 / 8); at weight 1 it would go last.
+    recorder.calls.clear()
+    queue = FusingQueue(recorder, max_wait_ms=50, fuse=False, priority=engine.steps_taken)
+    reqs = [dataclasses.replace(_req(name, 30 + i), weight=weight)
+            for i, (name, weight) in enumerate((("c", 1.0), ("a", 8.0), ("a", 8.0), ("b", 1.0)))]
+    await asyncio.gather(*(queue.train_step(r) for r in reqs))
+    assert recorder.calls == [["a"], ["a"], ["b"], ["c"]]
+    assert [engine.steps_taken(n) for n in ("a", "b", "c")] == [6, 2, 3]
     await queue.close()
 
     # Without a priority, unfused requests run in arrival order.

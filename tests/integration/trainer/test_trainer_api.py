@@ -144,6 +144,11 @@ async def test_error_codes_and_reasons(trainer):
     with pytest.raises(InvalidArgument) as e:
         await client.train_step("s1", [])
     assert e.value.reason == "EMPTY_REQUEST"
+    for call in (client.train_step, client.forward_backward):
+        with pytest.raises(InvalidArgument) as e:
+            await call("s1", random_samples(rng, 1), weight=-1.0)
+        assert e.value.reason == "INVALID_WEIGHT"
+    assert {a.adapter_id: a.step for a in (await client.status()).adapters}["s1"] == 0
 
     # A freed slot is usable again.
     await client.drop_adapter("s3")

@@ -68,3 +68,16 @@ def test_train_request_mapping():
     assert sample.sampling_logprobs_C == (-0.5, -1.0) and sample.policy_version == 3
     request.learning_rate = 0.01
     assert convert.train_request_from_pb(request, with_learning_rate=True).learning_rate == 0.01
+
+
+@pytest.mark.parametrize("kind", [pb.TrainStepRequest, pb.ForwardBackwardRequest])
+def test_train_request_weight(kind):
+    request = kind(adapter_id="exp")
+    assert convert.train_request_from_pb(request, with_learning_rate=False).weight == 1.0
+    request.weight = 2.5
+    assert convert.train_request_from_pb(request, with_learning_rate=False).weight == 2.5
+    for bad in (-1.0, float("nan"), float("inf")):
+        request.weight = bad
+        with pytest.raises(InvalidArgument) as e:
+            convert.train_request_from_pb(request, with_learning_rate=False)
+        assert e.value.reason == "INVALID_WEIGHT"

@@ -85,16 +85,18 @@ class CreateAdapterResponse(_message.Message):
     def __init__(self, adapter: _Optional[_Union[AdapterInfo, _Mapping]] = ...) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "samples", "loss")
+    __slots__ = ("request_id", "adapter_id", "samples", "loss", "weight")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     samples: _containers.RepeatedCompositeFieldContainer[TrainSample]
     loss: LossConfig
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[TrainSample, _Mapping]]] = ..., loss: _Optional[_Union[LossConfig, _Mapping]] = ...) -> None: ...
+    weight: float
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[TrainSample, _Mapping]]] = ..., loss: _Optional[_Union[LossConfig, _Mapping]] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class ForwardBackwardResponse(_message.Message):
     __slots__ = ("metrics",)
@@ -123,18 +125,20 @@ class OptimStepResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ..., grad_norm: _Optional[float] = ..., applied: _Optional[bool] = ...) -> None: ...
 
 class TrainStepRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "samples", "loss", "learning_rate")
+    __slots__ = ("request_id", "adapter_id", "samples", "loss", "learning_rate", "weight")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     samples: _containers.RepeatedCompositeFieldContainer[TrainSample]
     loss: LossConfig
     learning_rate: float
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[TrainSample, _Mapping]]] = ..., loss: _Optional[_Union[LossConfig, _Mapping]] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+    weight: float
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[TrainSample, _Mapping]]] = ..., loss: _Optional[_Union[LossConfig, _Mapping]] = ..., learning_rate: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
     __slots__ = ("metrics", "step", "applied")
