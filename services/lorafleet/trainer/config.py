@@ -126,8 +126,8 @@ class TrainerSettings(ServiceSettings):
         "the fewest optimizer steps, so an experiment that fell behind catches up and "
         "concurrent experiments finish together, or arrival order. An adapter's own "
         "requests always keep their order. Steps are divided by the request's fair-share "
-        "weight (TrainStepRequest.weight), so an experiment of weight 2 may run twice as many "
-        "steps ahead as one of weight 1 when training is the bottleneck. Measured on 2 "
+        "weight (TrainStepRequest.weight), so an experiment of weight 2 may run up to twice as "
+        "many steps as one of weight 1 when training is the bottleneck. Measured on 2 "
         "cores, 8 experiments at once, against fused passes in arrival order: 60 steps "
         "63.0 and 65.5 s -> 58.2 and 58.0 s, 180 steps 168.3 and 175.5 s -> 166.0 and "
         "170.0 s (unfused in arrival order gained nothing).",
