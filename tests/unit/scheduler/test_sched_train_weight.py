@@ -13,7 +13,7 @@ from lorafleet.scheduler.runner import ExperimentRunner, Rollout, RunnerSettings
 from lorafleet.scheduler.types import ExperimentRecord, NodeRecord
 
 
-def _runner(weight: float, budget_tokens: int) -> tuple[ExperimentRunner, list]:
+def _runner(weight: float, budget_tokens: int) -> tuple[ExperimentRunner, NodeHandle, list]:
     spec = builtin_spec("add")
     spec.weight = weight
     record = ExperimentRecord("exp-w", spec, adapter_id="exp-w", latest_version=1)
@@ -36,7 +36,7 @@ def _runner(weight: float, budget_tokens: int) -> tuple[ExperimentRunner, list]:
         return trainer_pb2.OptimStepResponse(step=1, applied=True)
 
     runner._trainer = trainer  # type: ignore[method-assign]
-    return runner, calls
+    return runner, node, calls
 
 
 def _batch(samples: int) -> Rollout:
@@ -53,14 +53,20 @@ def _batch(samples: int) -> Rollout:
 
 @pytest.mark.parametrize("weight", [1.0, 2.5])
 async def test_train_step_carries_the_experiment_weight(weight):
-    runner, calls = _runner(weight, budget_tokens=65536)
-    await runner._train(_batch(4))
+    runner, node, calls = _runner(weight, budget_tokens=65536)
+    try:
+        await runner._train(_batch(4))
+    finally:
+        await node.close()
     assert [(m, r.weight) for m, r in calls] == [("TrainStep", weight)]
 
 
 async def test_every_chunk_carries_the_experiment_weight():
     # A train gate of 64 tokens: chunks of 8 tokens, one sample of 6 each.
-    runner, calls = _runner(3.0, budget_tokens=64)
-    await runner._train(_batch(4))
+    runner, node, calls = _runner(3.0, budget_tokens=64)
+    try:
+        await runner._train(_batch(4))
+    finally:
+        await node.close()
     assert [m for m, _ in calls] == ["ForwardBackward"] * 4 + ["OptimStep"]
     assert all(r.weight == 3.0 for m, r in calls if m == "ForwardBackward")
