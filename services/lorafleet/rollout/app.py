@@ -72,6 +72,7 @@ def make_engine(settings: RolloutSettings, model_path: str) -> Engine:
             spin_ms=settings.engine_spin_ms,
             preload_tcmalloc=settings.preload_tcmalloc,
             cpu_one_process=settings.cpu_one_process_engine,
+            share_prompt_rows=settings.share_prompt_rows,
         )
     try:
         from lorafleet.rollout.torch_engine import (  # type: ignore[import-not-found]

@@ -124,6 +124,14 @@ class RolloutSettings(ServiceSettings):
         "(lorafleet.rollout.engine_process: 17-21% less rollout CPU for experiments one "
         "after another, 5-9% for 8 at once, on 2 cores). GPU engines with one device already do.",
     )
+    share_prompt_rows: bool = Field(
+        default=True,
+        description="On CPU, compute the rows of a prompt that several requests start from in "
+        "the same model step (the n samples of a GRPO group) once in every linear layer "
+        "instead of once per sample (lorafleet.rollout.vllm_shared_prompts). vLLM prefills "
+        "each sample's prompt on its own, and its prefix cache cannot share prompts shorter "
+        "than a KV block; the same tokens and logprobs either way.",
+    )
     engine_spin_ms: float | None = Field(
         default=None,
         ge=0.1,

@@ -24,6 +24,8 @@ What this module adds on top of vLLM:
 - on CPU, fixes for vLLM's torch LoRA path (:mod:`lorafleet.rollout.vllm_patches`):
   base-model rows of mixed batches got the last adapter slot's delta, and a
   prompt-logprobs request batched with any other request killed the engine;
+- on CPU, each prompt computed once per model step in the linear layers however
+  many samples start from it (:mod:`lorafleet.rollout.vllm_shared_prompts`);
 - engine death (``EngineDeadError``, or ``errored`` seen by the monitor) answers
   UNAVAILABLE and restarts the engine in the background; ``epoch`` tells the
   adapter manager that its loaded set is gone.
@@ -65,6 +67,7 @@ from lorafleet.rollout.types import (
     ScoreSequence,
 )
 from lorafleet.rollout.vllm_plugin import SPIN_ENV
+from lorafleet.rollout.vllm_shared_prompts import SHARE_ENV
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -124,6 +127,7 @@ class VllmEngine:
         spin_ms: float | None = None,
         preload_tcmalloc: bool = True,
         cpu_one_process: bool = True,
+        share_prompt_rows: bool = True,
     ) -> None:
         self.model_path = model_path
         self._max_loras = max_loras
@@ -142,6 +146,7 @@ class VllmEngine:
         self._spin_ms = spin_ms
         self._preload_tcmalloc = preload_tcmalloc
         self._cpu_one_process = cpu_one_process
+        self._share_prompt_rows = share_prompt_rows
         self._llm: AsyncLLM | None = None
         self._tokenizer: Any = None
         self._vocab_size = 0
@@ -249,6 +254,8 @@ class VllmEngine:
             # Read by lorafleet.rollout.vllm_plugin in the engine processes, which
             # inherit this process's environment when they start.
             os.environ[SPIN_ENV] = f"{spin_ms:g}"
+        # Read by lorafleet.rollout.vllm_patches in the engine process, like SPIN_ENV.
+        os.environ[SHARE_ENV] = "1" if self._share_prompt_rows else "0"
         if self._preload_tcmalloc and _on_cpu():
             preload = with_tcmalloc(os.environ, find_tcmalloc())
             if preload is not None:

@@ -58,6 +58,8 @@ from typing import Any
 
 import torch
 
+from lorafleet.rollout import vllm_shared_prompts
+
 log = logging.getLogger(__name__)
 
 
@@ -337,6 +339,7 @@ def install_grouped_lora_linear() -> bool:
     def update_metadata(self: Any, *args: Any, **kwargs: Any) -> None:
         PunicaWrapperBase.update_metadata(self, *args, **kwargs)
         self._lorafleet_groups = None  # the token -> slot mapping changed
+        vllm_shared_prompts.forget_step_rows(self)  # a new step: its rows are grouped anew
 
     def add_lora_linear(
         self: Any,
@@ -375,9 +378,16 @@ def install_grouped_lora_linear() -> bool:
 
 class LoraNoLoraRowsFix:
     """vLLM ``worker_extension_cls``: importing this module in the worker installs
-    the fix. Adds no methods to the worker."""
+    the fixes. Adds one method to the worker, for ``collective_rpc``."""
+
+    def lorafleet_shared_prompt_rows(self) -> dict[str, int]:
+        """How many model steps folded shared prompt rows, and how many rows they
+        did not compute (:mod:`lorafleet.rollout.vllm_shared_prompts`)."""
+        return dict(vllm_shared_prompts.FOLDED)
 
 
 install()
 install_logits_fix()
-install_grouped_lora_linear()
+if install_grouped_lora_linear() and vllm_shared_prompts.enabled():
+    vllm_shared_prompts.install_shared_prompt_rows()
+
