@@ -42,13 +42,16 @@ evaluations, experiments at version 0), so this must hold.
    13.3 -> 6.6 ms, 128 tokens over 8 adapters 2.0 -> 1.9 ms, one adapter's 128
    tokens 0.89 -> 0.66 ms and 1024 tokens 4.7 -> 2.7 ms.
 
+4. Each prompt's rows once per step: :mod:`lorafleet.rollout.vllm_shared_prompts`
+   (installed from here, on top of fix 3).
+
 How they are installed: vLLM imports ``parallel_config.worker_extension_cls`` in
 every worker process before the model loads. :class:`LoraNoLoraRowsFix` is that
-class (it adds no methods); importing this module probes the installed ops with
-an index of ``-1`` and, only if they apply a delta, swaps in fixed versions
-(delta zeroed for ``-1`` rows, as the upstream fix does, and computed per
-adapter slot rather than per token: see :func:`_delta`). When vLLM ships the
-fix, the probe sees no delta and nothing is patched.
+class (its one method counts shared prompt rows); importing this module probes
+the installed ops with an index of ``-1`` and, only if they apply a delta, swaps
+in fixed versions (delta zeroed for ``-1`` rows, as the upstream fix does, and
+computed per adapter slot rather than per token: see :func:`_delta`). When vLLM
+ships the fix, the probe sees no delta and nothing is patched.
 """
 
 from __future__ import annotations
@@ -390,4 +393,3 @@ install()
 install_logits_fix()
 if install_grouped_lora_linear() and vllm_shared_prompts.enabled():
     vllm_shared_prompts.install_shared_prompt_rows()
-

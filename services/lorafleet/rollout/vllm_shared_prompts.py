@@ -137,12 +137,15 @@ def _step_metadata() -> Any:
 
 def shared_rows_of_step(punica: Any, x: torch.Tensor) -> SharedRows | None:
     """This step's folded rows, found at its first LoRA linear and kept on the
-    punica wrapper until vLLM updates the step's LoRA mapping."""
-    cached = getattr(punica, "_lorafleet_rows", _UNSET)
-    if cached is not _UNSET and (cached is None or cached.tokens == x.shape[0]):
-        return cached  # type: ignore[no-any-return]
-    rows = None
+    punica wrapper for the step's other linears. Keyed by the step's attention
+    metadata (built anew every step) as well as cleared when vLLM updates the
+    LoRA mapping, so a grouping never outlives its step."""
     metadata = _step_metadata()
+    key = (id(metadata), int(x.shape[0]))
+    cached = getattr(punica, "_lorafleet_rows", _UNSET)
+    if cached is not _UNSET and cached[0] == key:
+        return cached[1]  # type: ignore[no-any-return]
+    rows = None
     if metadata is not None and x.dim() == 2:
         rows = find_shared_rows(
             x, metadata.query_start_loc, metadata.seq_lens, punica.token_lora_indices
@@ -150,7 +153,7 @@ def shared_rows_of_step(punica: Any, x: torch.Tensor) -> SharedRows | None:
     if rows is not None:
         FOLDED["steps"] += 1
         FOLDED["rows"] += rows.tokens - int(rows.unique.numel())
-    punica._lorafleet_rows = rows
+    punica._lorafleet_rows = (key, rows)
     return rows
 
 
