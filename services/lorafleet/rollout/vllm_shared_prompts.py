@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 _UNSET = object()
 
 SHARE_ENV = "LORAFLEET_VLLM_SHARE_PROMPT_ROWS"
-"""Set to 0 by the rollout service (``engine_share_prompt_rows`` off) before it
-starts the engine, whose processes inherit it."""
+"""Set by the rollout service (``RolloutSettings.share_prompt_rows``) before it
+starts the engine, whose processes inherit it; unset means on."""
 
 
 def enabled() -> bool:
