@@ -95,6 +95,9 @@ class AdapterRegistry:
         self._watch_poll_interval_s = watch_poll_interval_s
         self._events = VersionEvents()
         self._background: set[asyncio.Task[None]] = set()
+        # Per adapter, the wall time before which a retention pass would retire
+        # nothing (see `_apply_retention`).
+        self._retention_due: dict[str, float] = {}
         self.publisher = publisher_factory(self._on_ready)
 
     @property
@@ -404,16 +407,29 @@ class AdapterRegistry:
         except Exception as exc:  # the metadata is already DELETED; bytes are only garbage now
             log.warning("blob_cleanup_failed", prefix=prefix, error=str(exc))
 
-    async def _apply_retention(self, adapter_id: str) -> None:
+    async def _apply_retention(self, adapter_id: str, *, force: bool = False) -> None:
+        """Retire what the policy allows. Runs after every publish, but skips the
+        metadata store until the oldest version it could retire has aged past
+        `min_age_s` (`_retention_due`); alias changes, which can free an older
+        version at any moment, `force` a pass."""
+        due = self._retention_due.get(adapter_id)
+        if not force and due is not None and time.time() < due:
+            return
         try:
-            doomed = await self._store.apply_retention(
+            outcome = await self._store.apply_retention(
                 adapter_id, keep_last=self._retention.keep_last, min_age_s=self._retention.min_age_s
             )
         except NotFound:
+            self._retention_due.pop(adapter_id, None)
             return
         except Exception:
             log.exception("retention_failed", adapter_id=adapter_id)
             return
+        if outcome.next_due_s is None:
+            self._retention_due.pop(adapter_id, None)
+        else:
+            self._retention_due[adapter_id] = outcome.next_due_s
+        doomed = outcome.retired
         for version in doomed:
             await self._delete_blobs(version)
         if doomed:
@@ -441,6 +457,8 @@ class AdapterRegistry:
             record,
         )
         log.info("alias_set", adapter_id=adapter_id, alias=alias, version=version)
+        # A moved alias may have let go of an old version.
+        self._spawn(self._apply_retention(adapter_id, force=True))
         return result
 
     async def delete_alias(
@@ -451,7 +469,7 @@ class AdapterRegistry:
         )
         log.info("alias_deleted", adapter_id=adapter_id, alias=alias)
         # The version it protected may now be past retention.
-        self._spawn(self._apply_retention(adapter_id))
+        self._spawn(self._apply_retention(adapter_id, force=True))
 
     async def list_aliases(self, adapter_id: str) -> list[tuple[str, int]]:
         return await self._store.list_aliases(fields.adapter_id(adapter_id))

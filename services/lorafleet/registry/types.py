@@ -89,6 +89,17 @@ class Reservation:
 
 
 @dataclasses.dataclass(frozen=True)
+class RetentionOutcome:
+    """What one retention pass did to an adapter."""
+
+    retired: list[Version]
+    """Versions marked DELETED, as they were (with their URIs, for blob removal)."""
+    next_due_s: float | None
+    """Wall time (s) at which the oldest version past the kept ones that no alias
+    holds turns old enough to retire; None when there is no such version."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Page(Generic[T]):
     items: list[T]
     next_page_token: str

@@ -213,6 +213,48 @@ async def test_retention_keeps_last_k_and_aliased(tmp_path):
         await running.stop()
 
 
+async def test_retention_waits_for_min_age_without_asking_the_store(database_url, tmp_path):
+    """Young versions past keep_last stay until they come of age; until then a
+    publish does not even ask the store; a moved alias frees its old version at once."""
+    running = await start_registry(
+        make_settings(
+            tmp_path, database_url=database_url, keep_last_versions=2, retention_min_age_s=2.0
+        )
+    )
+    store = running.runtime.registry._store
+    passes: list[str] = []
+    real = store.apply_retention
+
+    async def counted(adapter_id, **kw):
+        passes.append(adapter_id)
+        return await real(adapter_id, **kw)
+
+    store.apply_retention = counted
+    try:
+        client = running.client
+        await client.create_adapter("exp-1", lora=SPEC, base_model="tiny")
+        await publish(running, 0, seed=0)
+        await client.set_alias("exp-1", "best", 1)
+        for parent in range(1, 5):
+            await publish(running, parent, seed=parent)
+        await running.runtime.registry.settle()
+        assert [v.version for v in await client.list_versions("exp-1")] == [1, 2, 3, 4, 5]
+        # Passes after v1, the alias, v2, v3 and v4; after v4 the oldest retirable
+        # version (v2; v1 is aliased) is known to be too young, so v5's is skipped.
+        assert len(passes) == 5
+
+        await asyncio.sleep(2.1)
+        await publish(running, 5, seed=5)
+        await running.runtime.registry.settle()
+        assert [v.version for v in await client.list_versions("exp-1")] == [1, 5, 6]
+
+        await client.set_alias("exp-1", "best", 6)
+        await running.runtime.registry.settle()
+        assert [v.version for v in await client.list_versions("exp-1")] == [5, 6]
+    finally:
+        await running.stop()
+
+
 async def test_watch_replays_then_streams_new_versions(registry, adapter):
     await publish(registry, 0, seed=0)
     seen: list[int] = []

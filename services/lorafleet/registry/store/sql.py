@@ -43,6 +43,7 @@ from lorafleet.registry.types import (
     FileDigest,
     LoraSpec,
     Reservation,
+    RetentionOutcome,
     Version,
     VersionState,
 )
@@ -55,6 +56,11 @@ _BEGIN_OPTION = "lorafleet_sqlite_begin"
 
 def _now_us() -> int:
     return int(time.time() * 1_000_000)
+
+
+def _due_s(ready_time_us: int | None, min_age_s: float) -> float | None:
+    """Wall time (s) at which a version ready at ``ready_time_us`` is ``min_age_s`` old."""
+    return None if ready_time_us is None else ready_time_us / 1e6 + min_age_s
 
 
 @dataclass(frozen=True)
@@ -810,28 +816,20 @@ class SqlMetadataStore:
 
     async def apply_retention(
         self, adapter_id: str, *, keep_last: int, min_age_s: float
-    ) -> list[Version]:
+    ) -> RetentionOutcome:
         """Mark DELETED every READY version beyond the newest ``keep_last`` that no
         alias points at and that is older than ``min_age_s``; return them as they
-        were (with their URIs) for blob removal."""
+        were (with their URIs) for blob removal, and when the next one comes of age."""
         if keep_last <= 0:
-            return []
+            return RetentionOutcome([], None)
         cutoff = _now_us() - int(min_age_s * 1e6)
-        # Most publishes retire nothing: find that out without taking the
-        # write lock every other publish queues on.
+        # Most publishes retire nothing: either no version is past the newest
+        # keep_last, or those that are are still younger than min_age_s. Find
+        # that out without taking the write lock every other publish queues on.
         async with self.read() as conn:
-            ready = (
-                await conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(versions)
-                    .where(
-                        versions.c.adapter_id == adapter_id,
-                        versions.c.state == VersionState.READY,
-                    )
-                )
-            ).scalar()
-        if (ready or 0) <= keep_last:
-            return []
+            oldest = await self._oldest_retirable_us(conn, adapter_id, keep_last)
+        if oldest is None or oldest > cutoff:
+            return RetentionOutcome([], _due_s(oldest, min_age_s))
         async with self.write() as conn:
             row = await self._adapter_row(conn, adapter_id, lock=True)
             ready = (
@@ -844,16 +842,41 @@ class SqlMetadataStore:
                 )
             ).all()
             alias_map = await self._alias_map(conn, adapter_id)
-            doomed = [
+            retirable = [
                 r
                 for r in ready[keep_last:]
-                if r.version not in alias_map
-                and r.version != row.latest_version
-                and r.ready_time_us <= cutoff
+                if r.version not in alias_map and r.version != row.latest_version
             ]
+            doomed = [r for r in retirable if r.ready_time_us <= cutoff]
             for r in doomed:
                 await self._mark_deleted(conn, adapter_id, r.version)
-        return [_version(r, (), row.latest_version) for r in doomed]
+        young = [r.ready_time_us for r in retirable if r.ready_time_us > cutoff]
+        return RetentionOutcome(
+            [_version(r, (), row.latest_version) for r in doomed],
+            _due_s(min(young, default=None), min_age_s),
+        )
+
+    @staticmethod
+    async def _oldest_retirable_us(
+        conn: AsyncConnection, adapter_id: str, keep_last: int
+    ) -> int | None:
+        """Ready time of the oldest READY version past the newest ``keep_last``
+        that no alias holds (None: there is none)."""
+        past_kept = (
+            sa.select(versions.c.version, versions.c.ready_time_us)
+            .where(versions.c.adapter_id == adapter_id, versions.c.state == VersionState.READY)
+            .order_by(versions.c.version.desc())
+            .offset(keep_last)
+            .subquery()
+        )
+        aliased = sa.select(aliases.c.version).where(aliases.c.adapter_id == adapter_id)
+        return (
+            await conn.execute(
+                sa.select(sa.func.min(past_kept.c.ready_time_us)).where(
+                    past_kept.c.version.not_in(aliased)
+                )
+            )
+        ).scalar()
 
     # -- durable copies -------------------------------------------------------
 
