@@ -187,16 +187,21 @@ async def test_delete_version_protects_aliases(registry, adapter):
     assert [(v.version, v.state) for v in all_versions] == [(1, READY), (2, DELETED), (3, READY)]
 
 
+async def publish_aliased_history(running, versions: int) -> None:
+    """Adapter "exp-1" with versions 1..`versions`, alias "best" on version 1."""
+    await running.client.create_adapter("exp-1", lora=SPEC, base_model="tiny")
+    await publish(running, 0, seed=0)
+    await running.client.set_alias("exp-1", "best", 1)
+    for parent in range(1, versions):
+        await publish(running, parent, seed=parent)
+    await running.runtime.registry.settle()
+
+
 async def test_retention_keeps_last_k_and_aliased(tmp_path):
     running = await start_registry(make_settings(tmp_path, keep_last_versions=2))
     try:
         client = running.client
-        await client.create_adapter("exp-1", lora=SPEC, base_model="tiny")
-        await publish(running, 0, seed=0)
-        await client.set_alias("exp-1", "best", 1)
-        for parent in range(1, 6):
-            await publish(running, parent, seed=parent)
-        await running.runtime.registry.settle()
+        await publish_aliased_history(running, 6)
         ready = [v.version for v in await client.list_versions("exp-1")]
         assert ready == [1, 5, 6]  # aliased 1, last two
         states = {
@@ -232,12 +237,7 @@ async def test_retention_waits_for_min_age_without_asking_the_store(database_url
     store.apply_retention = counted
     try:
         client = running.client
-        await client.create_adapter("exp-1", lora=SPEC, base_model="tiny")
-        await publish(running, 0, seed=0)
-        await client.set_alias("exp-1", "best", 1)
-        for parent in range(1, 5):
-            await publish(running, parent, seed=parent)
-        await running.runtime.registry.settle()
+        await publish_aliased_history(running, 5)
         assert [v.version for v in await client.list_versions("exp-1")] == [1, 2, 3, 4, 5]
         # Passes after v1, the alias, v2, v3 and v4; after v4 the oldest retirable
         # version (v2; v1 is aliased) is known to be too young, so v5's is skipped.
