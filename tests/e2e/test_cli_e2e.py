@@ -39,8 +39,11 @@ rank = 4
 [algorithm]
 prompts_per_step = 8
 group_size = 4
-max_steps = 40
+max_steps = 1000
 """
+# max_steps is far more than the test lets the experiment run (it is paused,
+# resumed and cancelled): on a fast machine 40 steps of this spec finished
+# before the test's `pause` (each CLI call is a new Python process) arrived.
 
 
 def run_cli(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
