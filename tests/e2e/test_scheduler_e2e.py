@@ -277,7 +277,9 @@ def test_hog_cannot_starve_a_light_experiment(scheduler):
 
 
 def test_scheduler_sigkill_resumes_without_lost_or_repeated_steps(scheduler, cluster):
-    experiment = scheduler.submit(builtin_spec("copy", max_steps=12), experiment_id="crashy")
+    # Steps enough that the kill at step 4 lands mid-run on a fast machine too
+    # (about 7 steps/s here).
+    experiment = scheduler.submit(builtin_spec("copy", max_steps=30), experiment_id="crashy")
     while scheduler.get(experiment.experiment_id).current_step < 4:
         time.sleep(0.2)
     cluster.kill("scheduler")
@@ -288,10 +290,10 @@ def test_scheduler_sigkill_resumes_without_lost_or_repeated_steps(scheduler, clu
     with SchedulerClient(address) as fresh:
         [finished] = wait_finished(fresh, [experiment.experiment_id], timeout_s=600)
         assert finished.state == pb.EXPERIMENT_STATE_COMPLETED, finished.state_reason
-        assert steps_of(fresh, experiment.experiment_id) == list(range(1, 13))
+        assert steps_of(fresh, experiment.experiment_id) == list(range(1, 31))
     with RegistryClient(cluster.services["registry"].address) as registry:
         versions = [v.version for v in registry.list_versions(experiment.experiment_id)]
-    assert versions == list(range(1, 14))
+    assert versions == list(range(1, 32))
 
 
 def live_group_members(pgid: int) -> list[str]:
@@ -313,7 +315,8 @@ def live_group_members(pgid: int) -> list[str]:
 def test_node_killed_mid_run_moves_experiments(cluster):
     address = cluster.services["scheduler"].address
     with SchedulerClient(address) as scheduler:
-        experiment = scheduler.submit(builtin_spec("count", max_steps=16), experiment_id="mover")
+        # Enough steps that the node dies mid-run on a fast machine too.
+        experiment = scheduler.submit(builtin_spec("count", max_steps=40), experiment_id="mover")
         while scheduler.get(experiment.experiment_id).current_step < 4:
             time.sleep(0.2)
         victim = scheduler.get(experiment.experiment_id).node_id
@@ -330,7 +333,7 @@ def test_node_killed_mid_run_moves_experiments(cluster):
         [finished] = wait_finished(scheduler, [experiment.experiment_id], timeout_s=600)
         assert finished.state == pb.EXPERIMENT_STATE_COMPLETED, finished.state_reason
         assert finished.node_id != victim
-        assert steps_of(scheduler, experiment.experiment_id) == list(range(1, 17))
+        assert steps_of(scheduler, experiment.experiment_id) == list(range(1, 41))
         moved = [
             e.lifecycle
             for e in scheduler.watch(experiment.experiment_id)
