@@ -1,71 +1,18 @@
-"""SQL plumbing shared by the durable services (registry, scheduler).
-
-`create_engine(url)` gives an async SQLAlchemy engine with the settings the
-services rely on: SQLite in WAL mode with synchronous=FULL (an acknowledged
-write survives a crash) and a busy timeout (several writers in one process or
-several processes wait instead of failing), PostgreSQL through asyncpg.
+"""Request-id idempotency over SQL, for the durable services (the scheduler).
 
 `SqlIdempotencyStore` implements `lorafleet.core.idempotency.IdempotencyStore`
 over a table of its own, so a replayed `request_id` returns the first answer
-even after a restart.
+even after a restart. The database itself is `lorafleet.core.database.Database`.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from lorafleet.core.database import Database
 from lorafleet.core.idempotency import StoredResponse
-
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-
-
-def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
-    """An async engine for `url` (sqlite+aiosqlite:///path or postgresql+asyncpg://...).
-
-    Plain `sqlite:///` and `postgresql://` URLs are accepted and mapped to their
-    async drivers; the parent directory of a SQLite file is created.
-    """
-    parsed = sa.engine.make_url(url)
-    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
-        parsed = parsed.set(drivername="sqlite+aiosqlite")
-    elif parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
-        parsed = parsed.set(drivername="postgresql+asyncpg")
-    if parsed.drivername.startswith("sqlite"):
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(parsed, echo=echo)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        # aiosqlite's own BEGIN handling would defer the write lock to the first
-        # write; BEGIN IMMEDIATE takes it at the start, so two read-then-write
-        # transactions serialise instead of failing with "database is locked".
-        event.listen(engine.sync_engine, "begin", _sqlite_begin_immediate)
-        return engine
-    return create_async_engine(parsed, echo=echo, pool_pre_ping=True)
-
-
-def is_sqlite(engine: AsyncEngine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
-def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
-    # Let SQLAlchemy, not the driver, issue BEGIN (see _sqlite_begin_immediate).
-    dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
-    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
-def _sqlite_begin_immediate(connection: sa.Connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
-
 
 idempotency_metadata = sa.MetaData()
 
@@ -80,70 +27,63 @@ idempotency_table = sa.Table(
 )
 
 
+def _key(scope: str, request_id: str) -> sa.ColumnElement[bool]:
+    return sa.and_(idempotency_table.c.scope == scope, idempotency_table.c.request_id == request_id)
+
+
 class SqlIdempotencyStore:
     """`IdempotencyStore` over SQL; survives restarts.
 
     Rows are kept `ttl_s`; `prune()` drops older ones (call it periodically).
     """
 
-    def __init__(self, engine: AsyncEngine, *, ttl_s: float = 7 * 24 * 3600) -> None:
-        self._engine = engine
+    def __init__(self, db: Database, *, ttl_s: float = 7 * 24 * 3600) -> None:
+        self._db = db
         self._ttl_s = ttl_s
 
     async def create_tables(self) -> None:
-        async with self._engine.begin() as conn:
-            await conn.run_sync(idempotency_metadata.create_all)
+        await self._db.create_all(idempotency_metadata)
 
     async def get(self, scope: str, request_id: str) -> StoredResponse | None:
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(idempotency_table).where(
-                        idempotency_table.c.scope == scope,
-                        idempotency_table.c.request_id == request_id,
-                    )
-                )
+        row = await self._db.read(
+            lambda conn: conn.execute(
+                sa.select(idempotency_table).where(_key(scope, request_id))
             ).first()
+        )
         if row is None or time.time() - row.created_at > self._ttl_s:
             return None
         return StoredResponse(row.fingerprint, row.response, row.created_at)
 
     async def put(self, scope: str, request_id: str, stored: StoredResponse) -> None:
-        async with self._engine.begin() as conn:
-            exists = (
-                await conn.execute(
-                    sa.select(idempotency_table.c.request_id).where(
-                        idempotency_table.c.scope == scope,
-                        idempotency_table.c.request_id == request_id,
-                    )
-                )
-            ).first()
+        def put(conn: sa.Connection) -> None:
             values = {
                 "fingerprint": stored.fingerprint,
                 "response": stored.response,
                 "created_at": time.time(),
             }
+            exists = conn.execute(
+                sa.select(idempotency_table.c.request_id).where(_key(scope, request_id))
+            ).first()
             if exists:
-                await conn.execute(
-                    sa.update(idempotency_table)
-                    .where(
-                        idempotency_table.c.scope == scope,
-                        idempotency_table.c.request_id == request_id,
-                    )
-                    .values(**values)
+                conn.execute(
+                    sa.update(idempotency_table).where(_key(scope, request_id)).values(**values)
                 )
             else:
-                await conn.execute(
+                conn.execute(
                     sa.insert(idempotency_table).values(
                         scope=scope, request_id=request_id, **values
                     )
                 )
 
+        await self._db.write(put)
+
     async def prune(self) -> int:
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                sa.delete(idempotency_table).where(
-                    idempotency_table.c.created_at < time.time() - self._ttl_s
-                )
+        cutoff = time.time() - self._ttl_s
+        return await self._db.write(
+            lambda conn: (
+                conn.execute(
+                    sa.delete(idempotency_table).where(idempotency_table.c.created_at < cutoff)
+                ).rowcount
+                or 0
             )
-        return result.rowcount or 0
+        )

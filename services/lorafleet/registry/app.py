@@ -120,7 +120,7 @@ async def build_runtime(settings: RegistrySettings) -> RegistryRuntime:
         raise
     log.info(
         "registry_ready",
-        database=store.engine.url.render_as_string(hide_password=True),
+        database=store.db.url.render_as_string(hide_password=True),
         durable_url=settings.resolved_durable_url,
         file_roots={node: str(path) for node, path in settings.file_roots.items()},
         replica_id=settings.resolved_replica_id,

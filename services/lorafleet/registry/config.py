@@ -28,8 +28,9 @@ class RegistrySettings(ServiceSettings):
     )
     database_url: str = Field(
         default="",
-        description="SQLAlchemy async URL of the metadata store: sqlite+aiosqlite:///path "
-        "or postgresql+asyncpg://user@host/db. Empty = SQLite at <data_dir>/registry.db.",
+        description="URL of the metadata store: sqlite:///path or postgresql://user@host/db "
+        "(asyncpg; the driver names sqlite+aiosqlite and postgresql+asyncpg are accepted too). "
+        "Empty = SQLite at <data_dir>/registry.db.",
     )
     durable_url: str = Field(
         default="",
@@ -121,7 +122,7 @@ class RegistrySettings(ServiceSettings):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'registry.db'}"
+        return self.database_url or f"sqlite:///{self.data_dir / 'registry.db'}"
 
     @property
     def resolved_durable_url(self) -> str:

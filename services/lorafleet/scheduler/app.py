@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from lorafleet.api.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from lorafleet.core.app import ServiceApp
+from lorafleet.core.database import Database
 from lorafleet.core.server import ServiceBinding
-from lorafleet.core.sql import SqlIdempotencyStore, create_engine
+from lorafleet.core.sql import SqlIdempotencyStore
 from lorafleet.scheduler.config import SchedulerSettings
 from lorafleet.scheduler.nodes import NodeRpc
 from lorafleet.scheduler.service import Scheduler
@@ -16,10 +17,10 @@ SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"]
 
 
 async def build_app(settings: SchedulerSettings) -> ServiceApp:
-    engine = create_engine(settings.database_url)
-    idempotency = SqlIdempotencyStore(engine)
+    db = Database(settings.database_url)
+    idempotency = SqlIdempotencyStore(db)
     await idempotency.create_tables()
-    scheduler = Scheduler(SchedulerStore(engine), NodeRpc(settings.registry_address), settings)
+    scheduler = Scheduler(SchedulerStore(db), NodeRpc(settings.registry_address), settings)
     await scheduler.start()
     servicer = SchedulerServicer(scheduler, idempotency)
     return ServiceApp(
@@ -31,5 +32,5 @@ async def build_app(settings: SchedulerSettings) -> ServiceApp:
                 ),
             )
         ],
-        on_shutdown=[scheduler.close, engine.dispose],
+        on_shutdown=[scheduler.close, db.dispose],
     )

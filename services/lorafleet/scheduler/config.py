@@ -25,8 +25,9 @@ class SchedulerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LORAFLEET_SCHEDULER_", extra="forbid")
 
     database_url: str = Field(
-        default="sqlite+aiosqlite:///var/scheduler/scheduler.db",
-        description="SQLAlchemy async URL of the experiment store (SQLite or PostgreSQL).",
+        default="sqlite:///var/scheduler/scheduler.db",
+        description="URL of the experiment store: sqlite:///path or postgresql://user@host/db "
+        "(asyncpg; the driver names sqlite+aiosqlite and postgresql+asyncpg are accepted too).",
     )
     registry_address: str = Field(
         default="127.0.0.1:50051", description="host:port of the AdapterRegistryService."

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from lorafleet.api.common.v1 import metrics_pb2
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
+from lorafleet.core.database import Database
 from lorafleet.core.errors import AlreadyExists, NotFound
 from lorafleet.scheduler.types import Checkpoint, ExperimentRecord, NodeRecord
 
@@ -144,38 +144,38 @@ def _node(row: sa.Row) -> NodeRecord:
 
 
 class SchedulerStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    """Experiments, steps, events, nodes and pushed data; each method is one
+    transaction (`lorafleet.core.database.Database`)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     async def create_tables(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+        await self.db.create_all(metadata)
 
     # experiments -----------------------------------------------------------
 
     async def insert_experiment(self, record: ExperimentRecord) -> None:
+        insert = sa.insert(experiments).values(
+            experiment_id=record.experiment_id,
+            spec=record.spec.SerializeToString(deterministic=True),
+            state=record.state,
+            state_reason=record.state_reason,
+            node_id=record.node_id,
+            current_step=0,
+            adapter_id=record.adapter_id,
+            latest_version=0,
+            last_reward=0.0,
+            last_accuracy=0.0,
+            last_step_ms=0.0,
+            checkpoint_uri="",
+            checkpoint_sha256="",
+            checkpoint_step=0,
+            create_time=record.create_time,
+            queue_wait_ms=0.0,
+        )
         try:
-            async with self.engine.begin() as conn:
-                await conn.execute(
-                    sa.insert(experiments).values(
-                        experiment_id=record.experiment_id,
-                        spec=record.spec.SerializeToString(deterministic=True),
-                        state=record.state,
-                        state_reason=record.state_reason,
-                        node_id=record.node_id,
-                        current_step=0,
-                        adapter_id=record.adapter_id,
-                        latest_version=0,
-                        last_reward=0.0,
-                        last_accuracy=0.0,
-                        last_step_ms=0.0,
-                        checkpoint_uri="",
-                        checkpoint_sha256="",
-                        checkpoint_step=0,
-                        create_time=record.create_time,
-                        queue_wait_ms=0.0,
-                    )
-                )
+            await self.db.write(lambda conn: conn.execute(insert))
         except IntegrityError as exc:
             raise AlreadyExists(
                 f"experiment {record.experiment_id!r} already exists",
@@ -183,12 +183,8 @@ class SchedulerStore:
             ) from exc
 
     async def get_experiment(self, experiment_id: str) -> ExperimentRecord:
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(experiments).where(experiments.c.experiment_id == experiment_id)
-                )
-            ).first()
+        query = sa.select(experiments).where(experiments.c.experiment_id == experiment_id)
+        row = await self.db.read(lambda conn: conn.execute(query).first())
         if row is None:
             raise NotFound(
                 f"experiment {experiment_id!r} does not exist", reason="EXPERIMENT_NOT_FOUND"
@@ -204,32 +200,31 @@ class SchedulerStore:
             query = query.where(experiments.c.state.in_(states))
         if after_id:
             query = query.where(experiments.c.experiment_id > after_id)
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self.db.read(lambda conn: conn.execute(query).all())
         return [_record(r) for r in rows]
 
     async def update_experiment(self, experiment_id: str, **fields: object) -> None:
         unknown = set(fields) - _EXPERIMENT_FIELDS
         if unknown:
             raise ValueError(f"not experiment fields: {sorted(unknown)}")
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                sa.update(experiments)
-                .where(experiments.c.experiment_id == experiment_id)
-                .values(**fields)
-            )
+        update = (
+            sa.update(experiments)
+            .where(experiments.c.experiment_id == experiment_id)
+            .values(**fields)
+        )
+        await self.db.write(lambda conn: conn.execute(update))
 
     async def save_checkpoint(self, experiment_id: str, checkpoint: Checkpoint) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                sa.update(experiments)
-                .where(experiments.c.experiment_id == experiment_id)
-                .values(
-                    checkpoint_uri=checkpoint.uri,
-                    checkpoint_sha256=checkpoint.sha256,
-                    checkpoint_step=checkpoint.step,
-                )
+        update = (
+            sa.update(experiments)
+            .where(experiments.c.experiment_id == experiment_id)
+            .values(
+                checkpoint_uri=checkpoint.uri,
+                checkpoint_sha256=checkpoint.sha256,
+                checkpoint_step=checkpoint.step,
             )
+        )
+        await self.db.write(lambda conn: conn.execute(update))
 
     # steps -------------------------------------------------------------------
 
@@ -244,21 +239,24 @@ class SchedulerStore:
         unknown = set(fields) - _EXPERIMENT_FIELDS
         if unknown:
             raise ValueError(f"not experiment fields: {sorted(unknown)}")
+        insert = sa.insert(steps).values(
+            experiment_id=experiment_id,
+            step=metrics.step,
+            metrics=metrics.SerializeToString(deterministic=True),
+            time=time.time(),
+        )
+        advance = (
+            sa.update(experiments)
+            .where(experiments.c.experiment_id == experiment_id)
+            .values(current_step=metrics.step, **fields)
+        )
+
+        def complete(conn: sa.Connection) -> None:
+            conn.execute(insert)
+            conn.execute(advance)
+
         try:
-            async with self.engine.begin() as conn:
-                await conn.execute(
-                    sa.insert(steps).values(
-                        experiment_id=experiment_id,
-                        step=metrics.step,
-                        metrics=metrics.SerializeToString(deterministic=True),
-                        time=time.time(),
-                    )
-                )
-                await conn.execute(
-                    sa.update(experiments)
-                    .where(experiments.c.experiment_id == experiment_id)
-                    .values(current_step=metrics.step, **fields)
-                )
+            await self.db.write(complete)
         except IntegrityError:
             return False
         return True
@@ -266,35 +264,29 @@ class SchedulerStore:
     async def list_steps(
         self, experiment_id: str, *, after_step: int = 0
     ) -> list[metrics_pb2.StepMetrics]:
-        async with self.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(steps.c.metrics)
-                    .where(steps.c.experiment_id == experiment_id, steps.c.step > after_step)
-                    .order_by(steps.c.step)
-                )
-            ).all()
+        query = (
+            sa.select(steps.c.metrics)
+            .where(steps.c.experiment_id == experiment_id, steps.c.step > after_step)
+            .order_by(steps.c.step)
+        )
+        rows = await self.db.read(lambda conn: conn.execute(query).all())
         return [metrics_pb2.StepMetrics.FromString(r.metrics) for r in rows]
 
     # lifecycle events ----------------------------------------------------------
 
     async def add_event(self, experiment_id: str, event: pb.LifecycleEvent) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                sa.insert(events).values(
-                    experiment_id=experiment_id, event=event.SerializeToString()
-                )
-            )
+        insert = sa.insert(events).values(
+            experiment_id=experiment_id, event=event.SerializeToString()
+        )
+        await self.db.write(lambda conn: conn.execute(insert))
 
     async def list_events(self, experiment_id: str) -> list[pb.LifecycleEvent]:
-        async with self.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(events.c.event)
-                    .where(events.c.experiment_id == experiment_id)
-                    .order_by(events.c.id)
-                )
-            ).all()
+        query = (
+            sa.select(events.c.event)
+            .where(events.c.experiment_id == experiment_id)
+            .order_by(events.c.id)
+        )
+        rows = await self.db.read(lambda conn: conn.execute(query).all())
         return [pb.LifecycleEvent.FromString(r.event) for r in rows]
 
     # nodes -------------------------------------------------------------------
@@ -310,68 +302,74 @@ class SchedulerStore:
             "last_heartbeat": node.last_heartbeat,
             "static": node.static,
         }
-        async with self.engine.begin() as conn:
-            updated = await conn.execute(
+
+        def upsert(conn: sa.Connection) -> None:
+            updated = conn.execute(
                 sa.update(nodes).where(nodes.c.node_id == node.node_id).values(**values)
             )
             if not updated.rowcount:
-                await conn.execute(sa.insert(nodes).values(node_id=node.node_id, **values))
+                conn.execute(sa.insert(nodes).values(node_id=node.node_id, **values))
+
+        await self.db.write(upsert)
 
     async def list_nodes(self) -> list[NodeRecord]:
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(sa.select(nodes).order_by(nodes.c.node_id))).all()
+        query = sa.select(nodes).order_by(nodes.c.node_id)
+        rows = await self.db.read(lambda conn: conn.execute(query).all())
         return [_node(r) for r in rows]
 
     async def update_node(self, node_id: str, **fields: object) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(sa.update(nodes).where(nodes.c.node_id == node_id).values(**fields))
+        update = sa.update(nodes).where(nodes.c.node_id == node_id).values(**fields)
+        await self.db.write(lambda conn: conn.execute(update))
 
     # pushed data (continual learning) ---------------------------------------------
 
     async def push_data(self, experiment_id: str, items: Sequence[tuple[str, dict]]) -> int:
-        async with self.engine.begin() as conn:
-            if items:
-                await conn.execute(
-                    sa.insert(pushed_data),
-                    [
-                        {
-                            "experiment_id": experiment_id,
-                            "kind": kind,
-                            "payload": json.dumps(payload, sort_keys=True),
-                            "consumed": False,
-                        }
-                        for kind, payload in items
-                    ],
-                )
-            count = await conn.scalar(
-                sa.select(sa.func.count())
-                .select_from(pushed_data)
-                .where(
-                    pushed_data.c.experiment_id == experiment_id,
-                    pushed_data.c.consumed.is_(False),
-                )
+        rows = [
+            {
+                "experiment_id": experiment_id,
+                "kind": kind,
+                "payload": json.dumps(payload, sort_keys=True),
+                "consumed": False,
+            }
+            for kind, payload in items
+        ]
+        pending = (
+            sa.select(sa.func.count())
+            .select_from(pushed_data)
+            .where(
+                pushed_data.c.experiment_id == experiment_id,
+                pushed_data.c.consumed.is_(False),
             )
-        return int(count or 0)
+        )
+
+        def push(conn: sa.Connection) -> int:
+            if rows:
+                conn.execute(sa.insert(pushed_data), rows)
+            return int(conn.scalar(pending) or 0)
+
+        return await self.db.write(push)
 
     async def take_data(self, experiment_id: str, kind: str, limit: int) -> list[dict]:
         """Oldest unconsumed pushed items of `kind`, marked consumed."""
-        async with self.engine.begin() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(pushed_data.c.id, pushed_data.c.payload)
-                    .where(
-                        pushed_data.c.experiment_id == experiment_id,
-                        pushed_data.c.kind == kind,
-                        pushed_data.c.consumed.is_(False),
-                    )
-                    .order_by(pushed_data.c.id)
-                    .limit(limit)
-                )
-            ).all()
+        oldest = (
+            sa.select(pushed_data.c.id, pushed_data.c.payload)
+            .where(
+                pushed_data.c.experiment_id == experiment_id,
+                pushed_data.c.kind == kind,
+                pushed_data.c.consumed.is_(False),
+            )
+            .order_by(pushed_data.c.id)
+            .limit(limit)
+        )
+
+        def take(conn: sa.Connection) -> list[sa.Row]:
+            rows = conn.execute(oldest).all()
             if rows:
-                await conn.execute(
+                conn.execute(
                     sa.update(pushed_data)
                     .where(pushed_data.c.id.in_([r.id for r in rows]))
                     .values(consumed=True)
                 )
-        return [json.loads(r.payload) for r in rows]
+            return rows
+
+        return [json.loads(r.payload) for r in await self.db.write(take)]

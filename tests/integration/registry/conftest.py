@@ -25,7 +25,7 @@ def postgres_available() -> None:
 def database_url(request, tmp_path):
     """A fresh, empty metadata database of each kind."""
     if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'shared' / 'registry.db'}"
+        yield f"sqlite:///{tmp_path / 'shared' / 'registry.db'}"
         return
     request.getfixturevalue("postgres_available")
     url, name = create_pg_database()

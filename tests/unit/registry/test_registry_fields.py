@@ -103,7 +103,7 @@ def test_settings_from_env_and_forbidden_keys(monkeypatch, tmp_path):
     settings = load_settings(RegistrySettings)
     assert settings.keep_last_versions == 3
     assert settings.file_roots == {"node-0": __import__("pathlib").Path("/var/cache/lf")}
-    assert settings.resolved_database_url == f"sqlite+aiosqlite:///{tmp_path / 'd' / 'registry.db'}"
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'd' / 'registry.db'}"
     assert settings.resolved_durable_url == (tmp_path / "d" / "blobs").as_uri()
     with pytest.raises(ConfigError):
         load_settings(RegistrySettings, keep_last=3)

@@ -19,7 +19,7 @@ FILES = (
 
 @pytest.fixture
 async def store(tmp_path):
-    opened = await SqlMetadataStore.open(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+    opened = await SqlMetadataStore.open(f"sqlite:///{tmp_path / 'r.db'}")
     await opened.create_adapter(
         Adapter("exp-1", "", "tiny", LoraSpec(rank=4, alpha=8.0), {}, 0, time.time())
     )
@@ -46,11 +46,12 @@ async def reserve(store, parent: int, attempt: str, request_id: str = ""):
 
 
 async def test_sqlite_runs_in_wal_with_full_sync_and_busy_timeout(store):
-    async with store.read() as conn:
-        pragmas = {
-            name: (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
+    pragmas = await store.read(
+        lambda conn: {
+            name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
             for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
         }
+    )
     assert pragmas == {
         "journal_mode": "wal",
         "synchronous": 2,
@@ -78,7 +79,8 @@ async def test_released_numbers_are_reused_so_no_gap_opens(store):
     # A retry with the same request_id takes the earlier attempt's number over.
     again = await reserve(store, 1, "d" * 32, request_id="retry-me")
     assert third.version == again.version == 2
-    async with store.read() as conn:
-        rows = (await conn.execute(sa.text("SELECT version, state FROM registry_versions"))).all()
+    rows = await store.read(
+        lambda conn: conn.execute(sa.text("SELECT version, state FROM registry_versions")).all()
+    )
     assert sorted(rows) == [(1, "READY"), (2, "PENDING")]
     assert [a.version for a in await store.recover("me")] == [2]

@@ -8,11 +8,12 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from lorafleet.api.common.v1 import metrics_pb2
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
+from lorafleet.core.database import Database
 from lorafleet.core.errors import AlreadyExists, NotFound
-from lorafleet.core.sql import create_engine
 from lorafleet.scheduler.store import SchedulerStore
 from lorafleet.scheduler.types import ExperimentRecord
 
@@ -22,12 +23,12 @@ PG_ADMIN_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def store(request, tmp_path):
     if request.param == "sqlite":
-        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/scheduler.db")
-        yield SchedulerStore(engine)
-        await engine.dispose()
+        db = Database(f"sqlite:///{tmp_path}/scheduler.db")
+        yield SchedulerStore(db)
+        await db.dispose()
         return
     name = f"lorafleet_sched_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN_URL)
+    admin = create_async_engine(PG_ADMIN_URL)
     try:
         async with admin.connect() as conn:
             await (await conn.execution_options(isolation_level="AUTOCOMMIT")).execute(
@@ -36,9 +37,9 @@ async def store(request, tmp_path):
     except (OSError, sa.exc.OperationalError, sa.exc.DBAPIError) as exc:
         await admin.dispose()
         pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
-    engine = create_engine(f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}")
-    yield SchedulerStore(engine)
-    await engine.dispose()
+    db = Database(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    yield SchedulerStore(db)
+    await db.dispose()
     async with admin.connect() as conn:
         await (await conn.execution_options(isolation_level="AUTOCOMMIT")).execute(
             sa.text(f"DROP DATABASE {name}")

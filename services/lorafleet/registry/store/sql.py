@@ -1,4 +1,4 @@
-"""The metadata store over SQLAlchemy async: SQLite (default) or PostgreSQL.
+"""The metadata store over SQL: SQLite (default) or PostgreSQL.
 
 Concurrency: every state change runs in one transaction that first locks the
 adapter's row (``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite the
@@ -7,27 +7,24 @@ so the read-check-write below cannot interleave with another writer, in this
 process or another). The (adapter_id, version) primary key backs this up: a
 duplicate number can never commit.
 
-SQLite runs in WAL mode with ``synchronous=FULL`` (a commit survives power loss)
-and a busy timeout (writers queue instead of failing with "database is locked").
+Each transaction is a plain function of a ``sqlalchemy.Connection`` that
+`lorafleet.core.database.Database` runs in one hop (its docstring says why, and
+how SQLite is set up: WAL, ``synchronous=FULL``, a busy timeout).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from lorafleet.core.database import Database, Transaction
 from lorafleet.core.errors import (
     Aborted,
     AlreadyExists,
@@ -50,8 +47,7 @@ from lorafleet.registry.types import (
 
 log = structlog.get_logger(__name__)
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-_BEGIN_OPTION = "lorafleet_sqlite_begin"
+T = TypeVar("T")
 
 
 def _now_us() -> int:
@@ -75,12 +71,10 @@ class IdempotencyRecord:
     """Turns the change's result into the serialized response."""
 
 
-async def _store_record(
-    conn: AsyncConnection, record: IdempotencyRecord | None, result: Any
-) -> None:
+def _store_record(conn: sa.Connection, record: IdempotencyRecord | None, result: Any) -> None:
     if record is None:
         return
-    await conn.execute(
+    conn.execute(
         idempotency.insert().values(
             scope=record.scope,
             request_id=record.request_id,
@@ -96,37 +90,6 @@ class AbandonedAttempt:
     adapter_id: str
     version: int
     attempt_id: str
-
-
-def create_engine(url: str) -> AsyncEngine:
-    """An async engine with the registry's SQLite settings applied per connection."""
-    sa_url = sa.make_url(url)
-    if sa_url.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True)
-    if sa_url.database and sa_url.database != ":memory:":
-        Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url)
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # The driver's own implicit BEGIN is turned off so that the "begin" hook
-        # below decides between DEFERRED (reads) and IMMEDIATE (writes).
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        for pragma in (
-            "PRAGMA journal_mode=WAL",
-            "PRAGMA synchronous=FULL",
-            f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
-            "PRAGMA foreign_keys=ON",
-        ):
-            cursor.execute(pragma)
-        cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(_BEGIN_OPTION, 'DEFERRED')}")
-
-    return engine
 
 
 def _spec_to_json(spec: LoraSpec) -> str:
@@ -197,42 +160,30 @@ def _version(row: Any, alias_names: Iterable[str], latest_version: int) -> Versi
 
 
 class SqlMetadataStore:
-    """Adapters, versions and aliases in SQL; see the module docstring for locking."""
+    """Adapters, versions and aliases in SQL; see the module docstring for locking.
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self._sqlite = engine.dialect.name == "sqlite"
-        self._write_engine = (
-            engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"}) if self._sqlite else engine
-        )
-        # SQLite allows one writer at a time anyway; queueing writers of this
-        # process here keeps them off the busy-timeout retry loop.
-        self._sqlite_write_lock = asyncio.Lock()
+    Every method is one transaction: a plain function of a connection, run by
+    `lorafleet.core.database.Database` in one hop.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     @classmethod
     async def open(cls, url: str) -> SqlMetadataStore:
-        engine = create_engine(url)
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-        return cls(engine)
+        db = Database(url)
+        await db.create_all(metadata)
+        return cls(db)
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        await self.db.dispose()
 
-    @contextlib.asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.begin() as conn:
-            yield conn
+    async def read(self, transaction: Transaction[T]) -> T:
+        return await self.db.read(transaction)
 
-    @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
+    async def write(self, transaction: Transaction[T]) -> T:
         try:
-            if self._sqlite:
-                async with self._sqlite_write_lock, self._write_engine.begin() as conn:
-                    yield conn
-            else:
-                async with self._write_engine.begin() as conn:
-                    yield conn
+            return await self.db.write(transaction)
         except OperationalError as exc:
             # SQLite past its busy timeout, PostgreSQL deadlock/serialization
             # failures, a dropped connection: nothing was committed; retry.
@@ -241,68 +192,27 @@ class SqlMetadataStore:
                 reason="DATABASE_UNAVAILABLE",
             ) from exc
 
-    # -- helpers --------------------------------------------------------------
-
-    @staticmethod
-    async def _adapter_row(conn: AsyncConnection, adapter_id: str, *, lock: bool) -> Any:
-        query = sa.select(adapters).where(adapters.c.adapter_id == adapter_id)
-        if lock:
-            query = query.with_for_update()
-        row = (await conn.execute(query)).first()
-        if row is None:
-            raise NotFound(
-                f"adapter {adapter_id!r} does not exist",
-                reason="ADAPTER_NOT_FOUND",
-                metadata={"adapter_id": adapter_id},
-            )
-        return row
-
-    @staticmethod
-    async def _alias_map(conn: AsyncConnection, adapter_id: str) -> dict[int, list[str]]:
-        rows = await conn.execute(
-            sa.select(aliases.c.alias, aliases.c.version).where(aliases.c.adapter_id == adapter_id)
-        )
-        out: dict[int, list[str]] = {}
-        for alias, version in rows:
-            out.setdefault(version, []).append(alias)
-        return out
-
-    async def _version_in(
-        self, conn: AsyncConnection, adapter_id: str, version: int, *, lock: bool = False
-    ) -> Version:
-        adapter_row = await self._adapter_row(conn, adapter_id, lock=lock)
-        query = sa.select(versions).where(
-            versions.c.adapter_id == adapter_id, versions.c.version == version
-        )
-        row = (await conn.execute(query)).first()
-        if row is None:
-            raise NotFound(
-                f"adapters/{adapter_id}/versions/{version} does not exist",
-                reason="VERSION_NOT_FOUND",
-                metadata={"adapter_id": adapter_id, "version": str(version)},
-            )
-        alias_map = await self._alias_map(conn, adapter_id)
-        return _version(row, alias_map.get(version, ()), adapter_row.latest_version)
-
     # -- adapters -------------------------------------------------------------
 
     async def create_adapter(
         self, adapter: Adapter, record: IdempotencyRecord | None = None
     ) -> Adapter:
-        try:
-            async with self.write() as conn:
-                await conn.execute(
-                    adapters.insert().values(
-                        adapter_id=adapter.adapter_id,
-                        experiment_id=adapter.experiment_id,
-                        base_model=adapter.base_model,
-                        lora_json=_spec_to_json(adapter.lora),
-                        labels_json=json.dumps(dict(adapter.labels), sort_keys=True),
-                        latest_version=0,
-                        create_time_us=int(adapter.create_time * 1e6),
-                    )
+        def create(conn: sa.Connection) -> None:
+            conn.execute(
+                adapters.insert().values(
+                    adapter_id=adapter.adapter_id,
+                    experiment_id=adapter.experiment_id,
+                    base_model=adapter.base_model,
+                    lora_json=_spec_to_json(adapter.lora),
+                    labels_json=json.dumps(dict(adapter.labels), sort_keys=True),
+                    latest_version=0,
+                    create_time_us=int(adapter.create_time * 1e6),
                 )
-                await _store_record(conn, record, adapter)
+            )
+            _store_record(conn, record, adapter)
+
+        try:
+            await self.write(create)
         except IntegrityError:
             raise AlreadyExists(
                 f"adapter {adapter.adapter_id!r} already exists",
@@ -312,8 +222,7 @@ class SqlMetadataStore:
         return adapter
 
     async def get_adapter(self, adapter_id: str) -> Adapter:
-        async with self.read() as conn:
-            return _adapter(await self._adapter_row(conn, adapter_id, lock=False))
+        return await self.read(lambda conn: _adapter(_adapter_row(conn, adapter_id, lock=False)))
 
     async def list_adapters(self, experiment_id: str, after: str, limit: int) -> list[Adapter]:
         query = sa.select(adapters).order_by(adapters.c.adapter_id).limit(limit)
@@ -321,22 +230,19 @@ class SqlMetadataStore:
             query = query.where(adapters.c.experiment_id == experiment_id)
         if after:
             query = query.where(adapters.c.adapter_id > after)
-        async with self.read() as conn:
-            return [_adapter(row) for row in await conn.execute(query)]
+        rows = await self.read(lambda conn: conn.execute(query).all())
+        return [_adapter(row) for row in rows]
 
     async def delete_adapter(
         self, adapter_id: str, *, force: bool, record: IdempotencyRecord | None = None
     ) -> list[Version]:
         """Delete the adapter, its versions and aliases; return the versions (whose
         blobs the caller removes after the commit)."""
-        async with self.write() as conn:
-            row = await self._adapter_row(conn, adapter_id, lock=True)
+
+        def delete(conn: sa.Connection) -> list[Version]:
+            row = _adapter_row(conn, adapter_id, lock=True)
             user_aliases = (
-                (
-                    await conn.execute(
-                        sa.select(aliases.c.alias).where(aliases.c.adapter_id == adapter_id)
-                    )
-                )
+                conn.execute(sa.select(aliases.c.alias).where(aliases.c.adapter_id == adapter_id))
                 .scalars()
                 .all()
             )
@@ -347,13 +253,11 @@ class SqlMetadataStore:
                     metadata={"adapter_id": adapter_id},
                 )
             pending = (
-                (
-                    await conn.execute(
-                        sa.select(versions.c.version).where(
-                            versions.c.adapter_id == adapter_id,
-                            versions.c.state == VersionState.PENDING,
-                            versions.c.lease_until_us > _now_us(),
-                        )
+                conn.execute(
+                    sa.select(versions.c.version).where(
+                        versions.c.adapter_id == adapter_id,
+                        versions.c.state == VersionState.PENDING,
+                        versions.c.lease_until_us > _now_us(),
                     )
                 )
                 .scalars()
@@ -365,15 +269,17 @@ class SqlMetadataStore:
                     reason="PUBLISH_IN_PROGRESS",
                     metadata={"adapter_id": adapter_id, "version": str(pending[0])},
                 )
-            rows = (
-                await conn.execute(sa.select(versions).where(versions.c.adapter_id == adapter_id))
+            rows = conn.execute(
+                sa.select(versions).where(versions.c.adapter_id == adapter_id)
             ).all()
             gone = [_version(r, (), row.latest_version) for r in rows]
-            await conn.execute(aliases.delete().where(aliases.c.adapter_id == adapter_id))
-            await conn.execute(versions.delete().where(versions.c.adapter_id == adapter_id))
-            await conn.execute(adapters.delete().where(adapters.c.adapter_id == adapter_id))
-            await _store_record(conn, record, None)
-        return gone
+            conn.execute(aliases.delete().where(aliases.c.adapter_id == adapter_id))
+            conn.execute(versions.delete().where(versions.c.adapter_id == adapter_id))
+            conn.execute(adapters.delete().where(adapters.c.adapter_id == adapter_id))
+            _store_record(conn, record, None)
+            return gone
+
+        return await self.write(delete)
 
     # -- publishing -----------------------------------------------------------
 
@@ -406,81 +312,28 @@ class SqlMetadataStore:
                 number), PARENT_VERSION_MISMATCH (expected parent is not the latest).
         """
         now = _now_us()
-        abandoned: list[AbandonedAttempt] = []
-        try:
-            return await self._reserve(
-                adapter_id,
-                now=now,
-                abandoned=abandoned,
-                expected_parent_version=expected_parent_version,
-                files=files,
-                sha256=sha256,
-                size_bytes=size_bytes,
-                training_step=training_step,
-                metrics=metrics,
-                source_uri=source_uri,
-                request_id=request_id,
-                attempt_id=attempt_id,
-                owner=owner,
-                lease_s=lease_s,
-            )
-        except IntegrityError:
-            # Unreachable while the row lock holds; should a database ever let
-            # two reservations through, the primary key turns the second into a
-            # plain conflict instead of a duplicate number.
-            raise Aborted(
-                f"another publish took the next version of {adapter_id!r}; retry",
-                reason="PUBLISH_IN_PROGRESS",
-                metadata={"adapter_id": adapter_id},
-            ) from None
+        new_row = {
+            "parent_version": expected_parent_version,
+            "state": VersionState.PENDING,
+            "training_step": training_step,
+            "metrics_json": json.dumps(metrics, sort_keys=True),
+            "sha256": sha256,
+            "size_bytes": size_bytes,
+            "files_json": _files_to_json(files),
+            "source_uri": source_uri,
+            "durable_uri": "",
+            "request_id": request_id,
+            "attempt_id": attempt_id,
+            "owner": owner,
+            "lease_until_us": now + int(lease_s * 1e6),
+            "create_time_us": now,
+            "ready_time_us": 0,
+            "failure_reason": "",
+        }
 
-    async def _reserve(
-        self,
-        adapter_id: str,
-        *,
-        now: int,
-        abandoned: list[AbandonedAttempt],
-        expected_parent_version: int,
-        files: tuple[FileDigest, ...],
-        sha256: str,
-        size_bytes: int,
-        training_step: int,
-        metrics: dict[str, float],
-        source_uri: str,
-        request_id: str,
-        attempt_id: str,
-        owner: str,
-        lease_s: float,
-    ) -> tuple[Reservation, list[AbandonedAttempt]]:
-        async with self.write() as conn:
-            row = await self._adapter_row(conn, adapter_id, lock=True)
-            pending = (
-                await conn.execute(
-                    sa.select(versions).where(
-                        versions.c.adapter_id == adapter_id,
-                        versions.c.state == VersionState.PENDING,
-                    )
-                )
-            ).all()
-            for p in pending:
-                if (request_id and p.request_id == request_id) or p.lease_until_us <= now:
-                    await conn.execute(
-                        versions.delete().where(
-                            versions.c.adapter_id == adapter_id, versions.c.version == p.version
-                        )
-                    )
-                    abandoned.append(AbandonedAttempt(adapter_id, p.version, p.attempt_id))
-                    continue
-                raise Aborted(
-                    f"version {p.version} of {adapter_id!r} is being published by another"
-                    " request; re-read the latest version and retry",
-                    reason="PUBLISH_IN_PROGRESS",
-                    metadata={
-                        "adapter_id": adapter_id,
-                        "latest_version": str(row.latest_version),
-                        "pending_version": str(p.version),
-                    },
-                )
+        def reserve(conn: sa.Connection) -> tuple[Reservation, list[AbandonedAttempt]]:
+            row = _adapter_row(conn, adapter_id, lock=True)
+            abandoned = _take_over_pending(conn, row, request_id=request_id, now=now)
             if expected_parent_version != row.latest_version:
                 raise Aborted(
                     f"expected parent version {expected_parent_version} of {adapter_id!r}"
@@ -492,58 +345,46 @@ class SqlMetadataStore:
                         "expected_parent_version": str(expected_parent_version),
                     },
                 )
-            highest = (
-                await conn.execute(
-                    sa.select(sa.func.max(versions.c.version)).where(
-                        versions.c.adapter_id == adapter_id
-                    )
+            highest = conn.execute(
+                sa.select(sa.func.max(versions.c.version)).where(
+                    versions.c.adapter_id == adapter_id
                 )
             ).scalar()
             number = (highest or 0) + 1
-            await conn.execute(
-                versions.insert().values(
-                    adapter_id=adapter_id,
-                    version=number,
-                    parent_version=expected_parent_version,
-                    state=VersionState.PENDING,
-                    training_step=training_step,
-                    metrics_json=json.dumps(metrics, sort_keys=True),
-                    sha256=sha256,
-                    size_bytes=size_bytes,
-                    files_json=_files_to_json(files),
-                    source_uri=source_uri,
-                    durable_uri="",
-                    request_id=request_id,
-                    attempt_id=attempt_id,
-                    owner=owner,
-                    lease_until_us=now + int(lease_s * 1e6),
-                    create_time_us=now,
-                    ready_time_us=0,
-                    failure_reason="",
-                )
+            conn.execute(versions.insert().values(adapter_id=adapter_id, version=number, **new_row))
+            reservation = Reservation(
+                adapter=_adapter(row),
+                version=number,
+                parent_version=expected_parent_version,
+                attempt_id=attempt_id,
             )
-        reservation = Reservation(
-            adapter=_adapter(row),
-            version=number,
-            parent_version=expected_parent_version,
-            attempt_id=attempt_id,
-        )
-        return reservation, abandoned
+            return reservation, abandoned
+
+        try:
+            return await self.write(reserve)
+        except IntegrityError:
+            # Unreachable while the row lock holds; should a database ever let
+            # two reservations through, the primary key turns the second into a
+            # plain conflict instead of a duplicate number.
+            raise Aborted(
+                f"another publish took the next version of {adapter_id!r}; retry",
+                reason="PUBLISH_IN_PROGRESS",
+                metadata={"adapter_id": adapter_id},
+            ) from None
 
     async def renew_lease(self, reservation: Reservation, lease_s: float) -> bool:
         """Extend a PENDING attempt's lease; False when it was taken over."""
-        async with self.write() as conn:
-            result = await conn.execute(
-                versions.update()
-                .where(
-                    versions.c.adapter_id == reservation.adapter.adapter_id,
-                    versions.c.version == reservation.version,
-                    versions.c.attempt_id == reservation.attempt_id,
-                    versions.c.state == VersionState.PENDING,
-                )
-                .values(lease_until_us=_now_us() + int(lease_s * 1e6))
+        update = (
+            versions.update()
+            .where(
+                versions.c.adapter_id == reservation.adapter.adapter_id,
+                versions.c.version == reservation.version,
+                versions.c.attempt_id == reservation.attempt_id,
+                versions.c.state == VersionState.PENDING,
             )
-        return result.rowcount == 1
+            .values(lease_until_us=_now_us() + int(lease_s * 1e6))
+        )
+        return await self.write(lambda conn: conn.execute(update).rowcount == 1)
 
     async def finalize_version(
         self,
@@ -559,9 +400,10 @@ class SqlMetadataStore:
             Aborted: PUBLISH_SUPERSEDED (the attempt lost its number meanwhile).
         """
         adapter_id = reservation.adapter.adapter_id
-        async with self.write() as conn:
-            await self._adapter_row(conn, adapter_id, lock=True)
-            result = await conn.execute(
+
+        def finalize(conn: sa.Connection) -> Version:
+            _adapter_row(conn, adapter_id, lock=True)
+            result = conn.execute(
                 versions.update()
                 .where(
                     versions.c.adapter_id == adapter_id,
@@ -583,75 +425,75 @@ class SqlMetadataStore:
                     reason="PUBLISH_SUPERSEDED",
                     metadata={"adapter_id": adapter_id, "version": str(reservation.version)},
                 )
-            await conn.execute(
+            conn.execute(
                 adapters.update()
                 .where(adapters.c.adapter_id == adapter_id)
                 .values(latest_version=reservation.version)
             )
-            version = await self._version_in(conn, adapter_id, reservation.version)
-            await _store_record(conn, idempotency_record, version)
-        return version
+            version = _version_in(conn, adapter_id, reservation.version)
+            _store_record(conn, idempotency_record, version)
+            return version
+
+        return await self.write(finalize)
 
     async def release_version(self, reservation: Reservation) -> bool:
         """Drop a failed attempt's PENDING row, freeing its number (it is the
         highest, so no gap opens)."""
-        async with self.write() as conn:
-            result = await conn.execute(
-                versions.delete().where(
-                    versions.c.adapter_id == reservation.adapter.adapter_id,
-                    versions.c.version == reservation.version,
-                    versions.c.attempt_id == reservation.attempt_id,
-                    versions.c.state == VersionState.PENDING,
-                )
-            )
-        return result.rowcount == 1
+        delete = versions.delete().where(
+            versions.c.adapter_id == reservation.adapter.adapter_id,
+            versions.c.version == reservation.version,
+            versions.c.attempt_id == reservation.attempt_id,
+            versions.c.state == VersionState.PENDING,
+        )
+        return await self.write(lambda conn: conn.execute(delete).rowcount == 1)
 
     async def recover(self, owner: str) -> list[AbandonedAttempt]:
         """At start: drop PENDING rows of this replica's previous life (their
         uploads died with it) and any whose lease expired."""
-        async with self.write() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(
-                        versions.c.adapter_id, versions.c.version, versions.c.attempt_id
-                    ).where(
-                        versions.c.state == VersionState.PENDING,
-                        sa.or_(versions.c.owner == owner, versions.c.lease_until_us <= _now_us()),
-                    )
+
+        def recover(conn: sa.Connection) -> list[AbandonedAttempt]:
+            rows = conn.execute(
+                sa.select(versions.c.adapter_id, versions.c.version, versions.c.attempt_id).where(
+                    versions.c.state == VersionState.PENDING,
+                    sa.or_(versions.c.owner == owner, versions.c.lease_until_us <= _now_us()),
                 )
             ).all()
             for adapter_id, version, _ in rows:
-                await conn.execute(
+                conn.execute(
                     versions.delete().where(
                         versions.c.adapter_id == adapter_id,
                         versions.c.version == version,
                         versions.c.state == VersionState.PENDING,
                     )
                 )
-        return [AbandonedAttempt(*row) for row in rows]
+            return [AbandonedAttempt(*row) for row in rows]
+
+        return await self.write(recover)
 
     # -- reading --------------------------------------------------------------
 
     async def get_version(self, adapter_id: str, version: int) -> Version:
-        async with self.read() as conn:
-            return await self._version_in(conn, adapter_id, version)
+        return await self.read(lambda conn: _version_in(conn, adapter_id, version))
 
     async def list_versions(
         self, adapter_id: str, *, include_inactive: bool, after: int, limit: int
     ) -> list[Version]:
-        async with self.read() as conn:
-            row = await self._adapter_row(conn, adapter_id, lock=False)
-            query = (
-                sa.select(versions)
-                .where(versions.c.adapter_id == adapter_id, versions.c.version > after)
-                .order_by(versions.c.version)
-                .limit(limit)
-            )
-            if not include_inactive:
-                query = query.where(versions.c.state == VersionState.READY)
-            rows = (await conn.execute(query)).all()
-            alias_map = await self._alias_map(conn, adapter_id)
-        return [_version(r, alias_map.get(r.version, ()), row.latest_version) for r in rows]
+        query = (
+            sa.select(versions)
+            .where(versions.c.adapter_id == adapter_id, versions.c.version > after)
+            .order_by(versions.c.version)
+            .limit(limit)
+        )
+        if not include_inactive:
+            query = query.where(versions.c.state == VersionState.READY)
+
+        def list_(conn: sa.Connection) -> list[Version]:
+            row = _adapter_row(conn, adapter_id, lock=False)
+            rows = conn.execute(query).all()
+            alias_map = _alias_map(conn, adapter_id)
+            return [_version(r, alias_map.get(r.version, ()), row.latest_version) for r in rows]
+
+        return await self.read(list_)
 
     async def resolve(self, adapter_id: str, *, version: int, alias: str) -> Version:
         """The READY version a selector names (``version`` wins when non-zero;
@@ -662,8 +504,9 @@ class SqlMetadataStore:
                 VERSION_NOT_FOUND.
             FailedPrecondition: VERSION_NOT_READY.
         """
-        async with self.read() as conn:
-            row = await self._adapter_row(conn, adapter_id, lock=False)
+
+        def resolve(conn: sa.Connection) -> Version:
+            row = _adapter_row(conn, adapter_id, lock=False)
             if version:
                 number = version
             elif alias in ("", LATEST):
@@ -675,11 +518,9 @@ class SqlMetadataStore:
                         metadata={"adapter_id": adapter_id},
                     )
             else:
-                number = (
-                    await conn.execute(
-                        sa.select(aliases.c.version).where(
-                            aliases.c.adapter_id == adapter_id, aliases.c.alias == alias
-                        )
+                number = conn.execute(
+                    sa.select(aliases.c.version).where(
+                        aliases.c.adapter_id == adapter_id, aliases.c.alias == alias
                     )
                 ).scalar()
                 if number is None:
@@ -688,12 +529,18 @@ class SqlMetadataStore:
                         reason="ALIAS_NOT_FOUND",
                         metadata={"adapter_id": adapter_id, "alias": alias},
                     )
-            found = await self._version_in(conn, adapter_id, number)
+            return _version_in(conn, adapter_id, number, adapter_row=row)
+
+        found = await self.read(resolve)
         if found.state != VersionState.READY:
             raise FailedPrecondition(
-                f"adapters/{adapter_id}/versions/{number} is {found.state}, not READY",
+                f"adapters/{adapter_id}/versions/{found.version} is {found.state}, not READY",
                 reason="VERSION_NOT_READY",
-                metadata={"adapter_id": adapter_id, "version": str(number), "state": found.state},
+                metadata={
+                    "adapter_id": adapter_id,
+                    "version": str(found.version),
+                    "state": found.state,
+                },
             )
         return found
 
@@ -707,20 +554,18 @@ class SqlMetadataStore:
         expected_current: int | None,
         record: IdempotencyRecord | None = None,
     ) -> Version:
-        async with self.write() as conn:
-            await self._adapter_row(conn, adapter_id, lock=True)
-            target = await self._version_in(conn, adapter_id, version)
+        def set_(conn: sa.Connection) -> Version:
+            _adapter_row(conn, adapter_id, lock=True)
+            target = _version_in(conn, adapter_id, version)
             if target.state != VersionState.READY:
                 raise FailedPrecondition(
                     f"adapters/{adapter_id}/versions/{version} is {target.state}, not READY",
                     reason="VERSION_NOT_READY",
                     metadata={"adapter_id": adapter_id, "version": str(version)},
                 )
-            current = (
-                await conn.execute(
-                    sa.select(aliases.c.version).where(
-                        aliases.c.adapter_id == adapter_id, aliases.c.alias == alias
-                    )
+            current = conn.execute(
+                sa.select(aliases.c.version).where(
+                    aliases.c.adapter_id == adapter_id, aliases.c.alias == alias
                 )
             ).scalar()
             if expected_current is not None and (current or 0) != expected_current:
@@ -732,25 +577,25 @@ class SqlMetadataStore:
                 )
             values = {"version": version, "update_time_us": _now_us()}
             if current is None:
-                await conn.execute(
-                    aliases.insert().values(adapter_id=adapter_id, alias=alias, **values)
-                )
+                conn.execute(aliases.insert().values(adapter_id=adapter_id, alias=alias, **values))
             else:
-                await conn.execute(
+                conn.execute(
                     aliases.update()
                     .where(aliases.c.adapter_id == adapter_id, aliases.c.alias == alias)
                     .values(**values)
                 )
-            result = await self._version_in(conn, adapter_id, version)
-            await _store_record(conn, record, result)
+            result = _version_in(conn, adapter_id, version)
+            _store_record(conn, record, result)
             return result
+
+        return await self.write(set_)
 
     async def delete_alias(
         self, adapter_id: str, alias: str, record: IdempotencyRecord | None = None
     ) -> None:
-        async with self.write() as conn:
-            await self._adapter_row(conn, adapter_id, lock=True)
-            result = await conn.execute(
+        def delete(conn: sa.Connection) -> None:
+            _adapter_row(conn, adapter_id, lock=True)
+            result = conn.execute(
                 aliases.delete().where(aliases.c.adapter_id == adapter_id, aliases.c.alias == alias)
             )
             if result.rowcount == 0:
@@ -759,31 +604,26 @@ class SqlMetadataStore:
                     reason="ALIAS_NOT_FOUND",
                     metadata={"adapter_id": adapter_id, "alias": alias},
                 )
-            await _store_record(conn, record, None)
+            _store_record(conn, record, None)
+
+        await self.write(delete)
 
     async def list_aliases(self, adapter_id: str) -> list[tuple[str, int]]:
-        async with self.read() as conn:
-            row = await self._adapter_row(conn, adapter_id, lock=False)
-            rows = (
-                await conn.execute(
-                    sa.select(aliases.c.alias, aliases.c.version)
-                    .where(aliases.c.adapter_id == adapter_id)
-                    .order_by(aliases.c.alias)
-                )
+        def list_(conn: sa.Connection) -> list[tuple[str, int]]:
+            row = _adapter_row(conn, adapter_id, lock=False)
+            rows = conn.execute(
+                sa.select(aliases.c.alias, aliases.c.version)
+                .where(aliases.c.adapter_id == adapter_id)
+                .order_by(aliases.c.alias)
             ).all()
-        out = [(alias, version) for alias, version in rows]
-        if row.latest_version:
-            out.insert(0, (LATEST, row.latest_version))
-        return out
+            out = [(alias, version) for alias, version in rows]
+            if row.latest_version:
+                out.insert(0, (LATEST, row.latest_version))
+            return out
+
+        return await self.read(list_)
 
     # -- deletion and retention -----------------------------------------------
-
-    async def _mark_deleted(self, conn: AsyncConnection, adapter_id: str, version: int) -> None:
-        await conn.execute(
-            versions.update()
-            .where(versions.c.adapter_id == adapter_id, versions.c.version == version)
-            .values(state=VersionState.DELETED, source_uri="", durable_uri="")
-        )
 
     async def delete_version(
         self, adapter_id: str, version: int, record: IdempotencyRecord | None = None
@@ -793,8 +633,9 @@ class SqlMetadataStore:
         Returns (the version before, the version after); the caller deletes the
         blobs named by the first after the commit.
         """
-        async with self.write() as conn:
-            before = await self._version_in(conn, adapter_id, version, lock=True)
+
+        def delete(conn: sa.Connection) -> tuple[Version, Version]:
+            before = _version_in(conn, adapter_id, version, lock=True)
             if before.aliases:
                 raise FailedPrecondition(
                     f"adapters/{adapter_id}/versions/{version} is aliased as"
@@ -809,10 +650,12 @@ class SqlMetadataStore:
                     metadata={"adapter_id": adapter_id, "version": str(version)},
                 )
             if before.state == VersionState.READY:
-                await self._mark_deleted(conn, adapter_id, version)
-            after = await self._version_in(conn, adapter_id, version)
-            await _store_record(conn, record, after)
-        return before, after
+                _mark_deleted(conn, adapter_id, version)
+            after = _version_in(conn, adapter_id, version)
+            _store_record(conn, record, after)
+            return before, after
+
+        return await self.write(delete)
 
     async def apply_retention(
         self, adapter_id: str, *, keep_last: int, min_age_s: float
@@ -826,22 +669,18 @@ class SqlMetadataStore:
         # Most publishes retire nothing: either no version is past the newest
         # keep_last, or those that are are still younger than min_age_s. Find
         # that out without taking the write lock every other publish queues on.
-        async with self.read() as conn:
-            oldest = await self._oldest_retirable_us(conn, adapter_id, keep_last)
+        oldest = await self.read(lambda conn: _oldest_retirable_us(conn, adapter_id, keep_last))
         if oldest is None or oldest > cutoff:
             return RetentionOutcome([], _due_s(oldest, min_age_s))
-        async with self.write() as conn:
-            row = await self._adapter_row(conn, adapter_id, lock=True)
-            ready = (
-                await conn.execute(
-                    sa.select(versions)
-                    .where(
-                        versions.c.adapter_id == adapter_id, versions.c.state == VersionState.READY
-                    )
-                    .order_by(versions.c.version.desc())
-                )
+
+        def retire(conn: sa.Connection) -> RetentionOutcome:
+            row = _adapter_row(conn, adapter_id, lock=True)
+            ready = conn.execute(
+                sa.select(versions)
+                .where(versions.c.adapter_id == adapter_id, versions.c.state == VersionState.READY)
+                .order_by(versions.c.version.desc())
             ).all()
-            alias_map = await self._alias_map(conn, adapter_id)
+            alias_map = _alias_map(conn, adapter_id)
             retirable = [
                 r
                 for r in ready[keep_last:]
@@ -849,34 +688,14 @@ class SqlMetadataStore:
             ]
             doomed = [r for r in retirable if r.ready_time_us <= cutoff]
             for r in doomed:
-                await self._mark_deleted(conn, adapter_id, r.version)
-        young = [r.ready_time_us for r in retirable if r.ready_time_us > cutoff]
-        return RetentionOutcome(
-            [_version(r, (), row.latest_version) for r in doomed],
-            _due_s(min(young, default=None), min_age_s),
-        )
-
-    @staticmethod
-    async def _oldest_retirable_us(
-        conn: AsyncConnection, adapter_id: str, keep_last: int
-    ) -> int | None:
-        """Ready time of the oldest READY version past the newest ``keep_last``
-        that no alias holds (None: there is none)."""
-        past_kept = (
-            sa.select(versions.c.version, versions.c.ready_time_us)
-            .where(versions.c.adapter_id == adapter_id, versions.c.state == VersionState.READY)
-            .order_by(versions.c.version.desc())
-            .offset(keep_last)
-            .subquery()
-        )
-        aliased = sa.select(aliases.c.version).where(aliases.c.adapter_id == adapter_id)
-        return (
-            await conn.execute(
-                sa.select(sa.func.min(past_kept.c.ready_time_us)).where(
-                    past_kept.c.version.not_in(aliased)
-                )
+                _mark_deleted(conn, adapter_id, r.version)
+            young = [r.ready_time_us for r in retirable if r.ready_time_us > cutoff]
+            return RetentionOutcome(
+                [_version(r, (), row.latest_version) for r in doomed],
+                _due_s(min(young, default=None), min_age_s),
             )
-        ).scalar()
+
+        return await self.write(retire)
 
     # -- durable copies -------------------------------------------------------
 
@@ -885,28 +704,25 @@ class SqlMetadataStore:
     ) -> bool:
         """Record a verified durable copy; False if the version is no longer READY
         (deleted meanwhile: the caller removes the copy again)."""
-        async with self.write() as conn:
-            result = await conn.execute(
-                versions.update()
-                .where(
-                    versions.c.adapter_id == adapter_id,
-                    versions.c.version == version,
-                    versions.c.attempt_id == attempt_id,
-                    versions.c.state == VersionState.READY,
-                )
-                .values(durable_uri=uri)
+        update = (
+            versions.update()
+            .where(
+                versions.c.adapter_id == adapter_id,
+                versions.c.version == version,
+                versions.c.attempt_id == attempt_id,
+                versions.c.state == VersionState.READY,
             )
-        return result.rowcount == 1
+            .values(durable_uri=uri)
+        )
+        return await self.write(lambda conn: conn.execute(update).rowcount == 1)
 
     async def versions_without_durable_copy(self) -> list[Version]:
-        async with self.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(versions)
-                    .where(versions.c.state == VersionState.READY, versions.c.durable_uri == "")
-                    .order_by(versions.c.adapter_id, versions.c.version)
-                )
-            ).all()
+        query = (
+            sa.select(versions)
+            .where(versions.c.state == VersionState.READY, versions.c.durable_uri == "")
+            .order_by(versions.c.adapter_id, versions.c.version)
+        )
+        rows = await self.read(lambda conn: conn.execute(query).all())
         return [_version(r, (), 0) for r in rows]
 
     # -- watching -------------------------------------------------------------
@@ -915,45 +731,157 @@ class SqlMetadataStore:
         query = sa.select(adapters.c.adapter_id, adapters.c.latest_version)
         if adapter_ids is not None:
             query = query.where(adapters.c.adapter_id.in_(list(adapter_ids)))
-        async with self.read() as conn:
-            return {a: v for a, v in await conn.execute(query)}
+        rows = await self.read(lambda conn: conn.execute(query).all())
+        return {a: v for a, v in rows}
 
     async def ready_versions_after(
         self, cursors: dict[str, int], adapter_ids: Iterable[str] | None, default_cursor: int
     ) -> tuple[list[Version], dict[str, int]]:
         """READY versions newer than each adapter's cursor, oldest first, plus the
         advanced cursors (one consistent snapshot)."""
-        wanted = None if adapter_ids is None else list(adapter_ids)
         query = sa.select(adapters.c.adapter_id, adapters.c.latest_version)
-        if wanted is not None:
-            query = query.where(adapters.c.adapter_id.in_(wanted))
-        found: list[Version] = []
-        advanced = dict(cursors)
-        async with self.read() as conn:
-            latest = {a: v for a, v in await conn.execute(query)}
+        if adapter_ids is not None:
+            query = query.where(adapters.c.adapter_id.in_(list(adapter_ids)))
+
+        def scan(conn: sa.Connection) -> tuple[list[Version], dict[str, int]]:
+            found: list[Version] = []
+            advanced = dict(cursors)
+            latest = {a: v for a, v in conn.execute(query)}
             for adapter_id, latest_version in sorted(latest.items()):
                 cursor = cursors.get(adapter_id, default_cursor)
                 if latest_version <= cursor:
                     advanced.setdefault(adapter_id, cursor)
                     continue
-                rows = (
-                    await conn.execute(
-                        sa.select(versions)
-                        .where(
-                            versions.c.adapter_id == adapter_id,
-                            versions.c.version > cursor,
-                            versions.c.version <= latest_version,
-                            versions.c.state == VersionState.READY,
-                        )
-                        .order_by(versions.c.version)
+                rows = conn.execute(
+                    sa.select(versions)
+                    .where(
+                        versions.c.adapter_id == adapter_id,
+                        versions.c.version > cursor,
+                        versions.c.version <= latest_version,
+                        versions.c.state == VersionState.READY,
                     )
+                    .order_by(versions.c.version)
                 ).all()
-                alias_map = await self._alias_map(conn, adapter_id) if rows else {}
+                alias_map = _alias_map(conn, adapter_id) if rows else {}
                 found.extend(
                     _version(r, alias_map.get(r.version, ()), latest_version) for r in rows
                 )
                 advanced[adapter_id] = latest_version
-        return found, advanced
+            return found, advanced
+
+        return await self.read(scan)
+
+
+# -- statements shared by the transactions above ---------------------------------
+
+
+def _adapter_row(conn: sa.Connection, adapter_id: str, *, lock: bool) -> Any:
+    query = sa.select(adapters).where(adapters.c.adapter_id == adapter_id)
+    if lock:
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    if row is None:
+        raise NotFound(
+            f"adapter {adapter_id!r} does not exist",
+            reason="ADAPTER_NOT_FOUND",
+            metadata={"adapter_id": adapter_id},
+        )
+    return row
+
+
+def _alias_map(conn: sa.Connection, adapter_id: str) -> dict[int, list[str]]:
+    rows = conn.execute(
+        sa.select(aliases.c.alias, aliases.c.version).where(aliases.c.adapter_id == adapter_id)
+    )
+    out: dict[int, list[str]] = {}
+    for alias, version in rows:
+        out.setdefault(version, []).append(alias)
+    return out
+
+
+def _version_in(
+    conn: sa.Connection,
+    adapter_id: str,
+    version: int,
+    *,
+    lock: bool = False,
+    adapter_row: Any = None,
+) -> Version:
+    """One version with its aliases (``adapter_row``: the adapter's row when the
+    transaction has already read it)."""
+    if adapter_row is None:
+        adapter_row = _adapter_row(conn, adapter_id, lock=lock)
+    row = conn.execute(
+        sa.select(versions).where(
+            versions.c.adapter_id == adapter_id, versions.c.version == version
+        )
+    ).first()
+    if row is None:
+        raise NotFound(
+            f"adapters/{adapter_id}/versions/{version} does not exist",
+            reason="VERSION_NOT_FOUND",
+            metadata={"adapter_id": adapter_id, "version": str(version)},
+        )
+    alias_map = _alias_map(conn, adapter_id)
+    return _version(row, alias_map.get(version, ()), adapter_row.latest_version)
+
+
+def _take_over_pending(
+    conn: sa.Connection, adapter_row: Any, *, request_id: str, now: int
+) -> list[AbandonedAttempt]:
+    """Delete the adapter's PENDING attempt when it is this request's earlier
+    try or its lease ran out, and return it; raise when a live one holds it."""
+    adapter_id = adapter_row.adapter_id
+    pending = conn.execute(
+        sa.select(versions).where(
+            versions.c.adapter_id == adapter_id, versions.c.state == VersionState.PENDING
+        )
+    ).all()
+    abandoned: list[AbandonedAttempt] = []
+    for p in pending:
+        if (request_id and p.request_id == request_id) or p.lease_until_us <= now:
+            conn.execute(
+                versions.delete().where(
+                    versions.c.adapter_id == adapter_id, versions.c.version == p.version
+                )
+            )
+            abandoned.append(AbandonedAttempt(adapter_id, p.version, p.attempt_id))
+            continue
+        raise Aborted(
+            f"version {p.version} of {adapter_id!r} is being published by another"
+            " request; re-read the latest version and retry",
+            reason="PUBLISH_IN_PROGRESS",
+            metadata={
+                "adapter_id": adapter_id,
+                "latest_version": str(adapter_row.latest_version),
+                "pending_version": str(p.version),
+            },
+        )
+    return abandoned
+
+
+def _mark_deleted(conn: sa.Connection, adapter_id: str, version: int) -> None:
+    conn.execute(
+        versions.update()
+        .where(versions.c.adapter_id == adapter_id, versions.c.version == version)
+        .values(state=VersionState.DELETED, source_uri="", durable_uri="")
+    )
+
+
+def _oldest_retirable_us(conn: sa.Connection, adapter_id: str, keep_last: int) -> int | None:
+    """Ready time of the oldest READY version past the newest ``keep_last`` that
+    no alias holds (None: there is none)."""
+    past_kept = (
+        sa.select(versions.c.version, versions.c.ready_time_us)
+        .where(versions.c.adapter_id == adapter_id, versions.c.state == VersionState.READY)
+        .order_by(versions.c.version.desc())
+        .offset(keep_last)
+        .subquery()
+    )
+    aliased = sa.select(aliases.c.version).where(aliases.c.adapter_id == adapter_id)
+    return conn.execute(
+        sa.select(sa.func.min(past_kept.c.ready_time_us)).where(past_kept.c.version.not_in(aliased))
+    ).scalar()
 
 
 class InTransactionIdempotencyStore:
@@ -979,14 +907,10 @@ class SqlIdempotencyStore:
         self._store = store
 
     async def get(self, scope: str, request_id: str) -> StoredResponse | None:
-        async with self._store.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(idempotency).where(
-                        idempotency.c.scope == scope, idempotency.c.request_id == request_id
-                    )
-                )
-            ).first()
+        query = sa.select(idempotency).where(
+            idempotency.c.scope == scope, idempotency.c.request_id == request_id
+        )
+        row = await self._store.read(lambda conn: conn.execute(query).first())
         if row is None:
             return None
         return StoredResponse(
@@ -998,31 +922,28 @@ class SqlIdempotencyStore:
     async def put(self, scope: str, request_id: str, stored: StoredResponse) -> None:
         # The first answer wins: a row written by the change's own transaction
         # (publishes) or by a concurrent replica is left as it is.
+        def put(conn: sa.Connection) -> None:
+            exists = conn.execute(
+                sa.select(idempotency.c.request_id).where(
+                    idempotency.c.scope == scope, idempotency.c.request_id == request_id
+                )
+            ).first()
+            if exists is None:
+                conn.execute(
+                    idempotency.insert().values(
+                        scope=scope,
+                        request_id=request_id,
+                        fingerprint=stored.fingerprint,
+                        response=stored.response,
+                        created_at=stored.created_at,
+                    )
+                )
+
         try:
-            async with self._store.write() as conn:
-                exists = (
-                    await conn.execute(
-                        sa.select(idempotency.c.request_id).where(
-                            idempotency.c.scope == scope, idempotency.c.request_id == request_id
-                        )
-                    )
-                ).first()
-                if exists is None:
-                    await conn.execute(
-                        idempotency.insert().values(
-                            scope=scope,
-                            request_id=request_id,
-                            fingerprint=stored.fingerprint,
-                            response=stored.response,
-                            created_at=stored.created_at,
-                        )
-                    )
+            await self._store.write(put)
         except IntegrityError:
             log.debug("idempotency_put_raced", scope=scope, request_id=request_id)
 
     async def sweep(self, older_than_s: float) -> int:
-        async with self._store.write() as conn:
-            result = await conn.execute(
-                idempotency.delete().where(idempotency.c.created_at < time.time() - older_than_s)
-            )
-        return result.rowcount
+        delete = idempotency.delete().where(idempotency.c.created_at < time.time() - older_than_s)
+        return await self._store.write(lambda conn: conn.execute(delete).rowcount)
