@@ -59,23 +59,23 @@ _POSTGRES_DRIVERS = ("postgresql", "postgres", "postgresql+asyncpg", "postgresql
 class Database:
     """Runs transactions against one database; see the module docstring."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str) -> None:
         parsed = sa.make_url(url)
         self.url = parsed
         self.is_sqlite = parsed.drivername in _SQLITE_DRIVERS
         if self.is_sqlite:
-            self._sync = _sqlite_engine(parsed, echo=echo)
+            self._sync = _sqlite_engine(parsed)
             self._sync_writes = self._sync.execution_options(**{_BEGIN: "IMMEDIATE"})
-            in_memory = parsed.database in (None, "", ":memory:")
             # One in-memory database lives in one connection, used by one thread.
             self._threads = ThreadPoolExecutor(
-                max_workers=1 if in_memory else SQLITE_THREADS, thread_name_prefix="sqlite"
+                max_workers=1 if _in_memory(parsed) else SQLITE_THREADS,
+                thread_name_prefix="sqlite",
             )
             self._write_lock = asyncio.Lock()
             self._async: AsyncEngine | None = None
         elif parsed.drivername in _POSTGRES_DRIVERS:
             self._async = create_async_engine(
-                parsed.set(drivername="postgresql+asyncpg"), echo=echo, pool_pre_ping=True
+                parsed.set(drivername="postgresql+asyncpg"), pool_pre_ping=True
             )
         else:
             raise ValueError(
@@ -131,14 +131,17 @@ def _run_in_transaction(engine: sa.Engine, transaction: Transaction[T]) -> T:
         return transaction(conn)
 
 
-def _sqlite_engine(url: sa.URL, *, echo: bool) -> sa.Engine:
+def _in_memory(url: sa.URL) -> bool:
+    return url.database in (None, "", ":memory:")
+
+
+def _sqlite_engine(url: sa.URL) -> sa.Engine:
     url = url.set(drivername="sqlite+pysqlite")
-    in_memory = url.database in (None, "", ":memory:")
+    in_memory = _in_memory(url)
     if not in_memory:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(
         url,
-        echo=echo,
         # Connections move between this database's threads, one at a time.
         connect_args={"check_same_thread": False},
         **({"poolclass": StaticPool} if in_memory else {}),
