@@ -65,6 +65,44 @@ def test_strategies_agree_on_outputs_and_gradients(strategy):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("merge", ["always", "never"])
+def test_one_adapter_batch_merged_or_not_agrees_on_outputs_and_gradients(merge):
+    layer, state = _layer()
+    state.merge = merge
+    x = torch.randn(4, 3, 6, requires_grad=True)
+    keys = ["b"] * 4
+    state.current = Routing(keys, train=True)
+    y = layer(x)
+    torch.testing.assert_close(y, _expected(layer, x, keys), rtol=0, atol=1e-5)
+    y.square().sum().backward()
+    grads = [layer.lora_A["b"].grad, layer.lora_B["b"].grad, x.grad]
+    assert layer.lora_A["a"].grad is None and layer.base_layer.weight.grad is None
+    ref_x = x.detach().clone().requires_grad_(True)
+    for p in layer.parameters():
+        p.grad = None
+    _expected(layer, ref_x, keys).square().sum().backward()
+    for g, ref in zip(grads, [layer.lora_A["b"].grad, layer.lora_B["b"].grad, ref_x.grad],
+                      strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_merges_only_where_the_low_rank_matmuls_weigh():
+    state = RoutingState()
+    state.current = Routing(["a"], train=True)
+    small = MultiLoraLinear(nn.Linear(128, 384), state)   # the tiny model's MLP, rank 8
+    big = MultiLoraLinear(nn.Linear(1024, 1024), state)   # a real model's, rank 8
+    for layer in (small, big):
+        layer.add_adapter("a", rank=8, scaling=1.0)
+    assert small._merge_pays("a", train=True)
+    assert not big._merge_pays("a", train=True)
+    small.add_adapter("drop", rank=8, scaling=1.0, dropout=0.1)
+    # Dropout applies to the LoRA input only: a merged weight cannot express it.
+    assert not small._merge_pays("drop", train=True)
+    assert small._merge_pays("drop", train=False)
+    state.merge = "never"
+    assert not small._merge_pays("a", train=True)
+
+
 def test_a_nan_adapter_cannot_reach_other_rows():
     layer, state = _layer()
     state.strategy = "stacked"
