@@ -25,9 +25,11 @@ from lorafleet.lora.spec import module_matches
 # fraction of the base matmul's FLOPs (see MultiLoraLinear._use_stacked).
 STACKED_MAX_FLOP_RATIO = 0.25
 # "auto" merges a one-adapter batch's update into the base weight on CPU once the
-# LoRA matmuls' FLOPs reach this fraction of the base matmul's (see
-# MultiLoraLinear._merge_pays).
+# LoRA matmuls' FLOPs reach this fraction of the base matmul's, and the batch has
+# at least this many rows per unit of rank, so that the merge itself (rank x in x
+# out) costs at most 1/8 of the matmul it serves (see MultiLoraLinear._merge_pays).
 MERGED_MIN_FLOP_RATIO = 1 / 16
+MERGED_MIN_ROWS_PER_RANK = 8
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,7 @@ class MultiLoraLinear(nn.Module):
             return torch.addmm(out2, h, b.t()).view(shape)
         return (out2 + F.linear(h, b).to(out2.dtype)).view(shape)
 
-    def _merge_pays(self, key: str, train: bool) -> bool:
+    def _merge_pays(self, key: str, train: bool, rows: int) -> bool:
         """Whether a batch on this one adapter should run as one matmul with the
         merged weight ``W + scaling * B @ A``.
 
@@ -233,8 +235,10 @@ class MultiLoraLinear(nn.Module):
         of the FLOPs: a train step of 16 prompts x 8 samples went from 281-286 to
         253-254 ms. For a real model at a usual rank the share is a few percent
         and the extra weight gradient would cost more than it saves; on GPUs the
-        low-rank matmuls are cheap, so "auto" never merges there. Dropout applies
-        to the LoRA input only, so a pass with dropout never merges.
+        low-rank matmuls are cheap, so "auto" never merges there. A batch of few
+        rows (one decode step of a few sequences) does not merge either: the merge
+        would cost more than the low-rank matmuls it replaces. Dropout applies to
+        the LoRA input only, so a pass with dropout never merges.
         """
         if train and self.dropout[key] > 0.0:
             return False
@@ -244,8 +248,9 @@ class MultiLoraLinear(nn.Module):
         if self.base_layer.weight.device.type != "cpu":
             return False
         rank = int(self.lora_A[key].shape[0])
-        return rank * (self.in_features + self.out_features) >= (
-            MERGED_MIN_FLOP_RATIO * self.in_features * self.out_features)
+        return rows >= MERGED_MIN_ROWS_PER_RANK * rank and (
+            rank * (self.in_features + self.out_features)
+            >= MERGED_MIN_FLOP_RATIO * self.in_features * self.out_features)
 
     def _merged(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """``x @ (W + scaling * B @ A)^T + bias``: the same function as the base
@@ -313,7 +318,7 @@ class MultiLoraLinear(nn.Module):
             return self.base_layer(x)
         runs = routing.runs
         if len(runs) == 1:  # the whole batch on one adapter: plain LoRA
-            if self._merge_pays(keys[0], routing.train):
+            if self._merge_pays(keys[0], routing.train, x.numel() // self.in_features):
                 return self._merged(keys[0], x)
             return self._add_delta(keys[0], x, self.base_layer(x), routing.train)
         out = self.base_layer(x)

@@ -93,14 +93,16 @@ def test_auto_merges_only_where_the_low_rank_matmuls_weigh():
     big = MultiLoraLinear(nn.Linear(1024, 1024), state)   # a real model's, rank 8
     for layer in (small, big):
         layer.add_adapter("a", rank=8, scaling=1.0)
-    assert small._merge_pays("a", train=True)
-    assert not big._merge_pays("a", train=True)
+    assert small._merge_pays("a", train=True, rows=1024)
+    assert not big._merge_pays("a", train=True, rows=1024)
+    # A decode step of a few sequences: the merge would cost more than it saves.
+    assert not small._merge_pays("a", train=False, rows=4)
     small.add_adapter("drop", rank=8, scaling=1.0, dropout=0.1)
     # Dropout applies to the LoRA input only: a merged weight cannot express it.
-    assert not small._merge_pays("drop", train=True)
-    assert small._merge_pays("drop", train=False)
+    assert not small._merge_pays("drop", train=True, rows=1024)
+    assert small._merge_pays("drop", train=False, rows=1024)
     state.merge = "never"
-    assert not small._merge_pays("a", train=True)
+    assert not small._merge_pays("a", train=True, rows=1024)
 
 
 def test_a_nan_adapter_cannot_reach_other_rows():
