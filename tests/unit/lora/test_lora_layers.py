@@ -45,45 +45,47 @@ def test_rows_get_their_own_adapter_or_base():
     torch.testing.assert_close(layer(x), layer.base_layer(x))
 
 
-@pytest.mark.parametrize("strategy", ["stacked", "grouped"])
-def test_strategies_agree_on_outputs_and_gradients(strategy):
-    layer, state = _layer()
-    state.strategy = strategy
-    x = torch.randn(5, 3, 6, requires_grad=True)
-    keys = ["a", "a", None, "b", "b"]
-    state.current = Routing(keys)
+def _assert_matches_reference(layer: MultiLoraLinear, keys: list[str | None],
+                              routing: Routing, graded: list[str], atol: float,
+                              untouched: tuple[str, ...] = ()) -> None:
+    """The layer under ``routing`` against :func:`_expected`: outputs, and the
+    gradients of the input and of the named ``"<A|B>:<key>"`` parameters; the
+    ``untouched`` ones and the base weight get none."""
+    def param(name: str) -> torch.Tensor:
+        kind, key = name.split(":")
+        return (layer.lora_A if kind == "A" else layer.lora_B)[key]
+
+    x = torch.randn(len(keys), 3, 6, requires_grad=True)
+    layer._routing_state.current = routing
     y = layer(x)
-    torch.testing.assert_close(y, _expected(layer, x, keys), rtol=0, atol=1e-6)
+    torch.testing.assert_close(y, _expected(layer, x, keys), rtol=0, atol=atol)
     y.square().sum().backward()
-    grads = [layer.lora_A["a"].grad, layer.lora_B["b"].grad, x.grad]
+    grads = [param(n).grad for n in graded] + [x.grad]
+    assert layer.base_layer.weight.grad is None
+    assert all(param(n).grad is None for n in untouched)
     ref_x = x.detach().clone().requires_grad_(True)
     for p in layer.parameters():
         p.grad = None
     _expected(layer, ref_x, keys).square().sum().backward()
-    for g, ref in zip(grads, [layer.lora_A["a"].grad, layer.lora_B["b"].grad, ref_x.grad],
-                      strict=True):
+    for g, ref in zip(grads, [param(n).grad for n in graded] + [ref_x.grad], strict=True):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["stacked", "grouped"])
+def test_strategies_agree_on_outputs_and_gradients(strategy):
+    layer, state = _layer()
+    state.strategy = strategy
+    keys = ["a", "a", None, "b", "b"]
+    _assert_matches_reference(layer, keys, Routing(keys), ["A:a", "B:b"], atol=1e-6)
 
 
 @pytest.mark.parametrize("merge", ["always", "never"])
 def test_one_adapter_batch_merged_or_not_agrees_on_outputs_and_gradients(merge):
     layer, state = _layer()
     state.merge = merge
-    x = torch.randn(4, 3, 6, requires_grad=True)
     keys = ["b"] * 4
-    state.current = Routing(keys, train=True)
-    y = layer(x)
-    torch.testing.assert_close(y, _expected(layer, x, keys), rtol=0, atol=1e-5)
-    y.square().sum().backward()
-    grads = [layer.lora_A["b"].grad, layer.lora_B["b"].grad, x.grad]
-    assert layer.lora_A["a"].grad is None and layer.base_layer.weight.grad is None
-    ref_x = x.detach().clone().requires_grad_(True)
-    for p in layer.parameters():
-        p.grad = None
-    _expected(layer, ref_x, keys).square().sum().backward()
-    for g, ref in zip(grads, [layer.lora_A["b"].grad, layer.lora_B["b"].grad, ref_x.grad],
-                      strict=True):
-        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
+    _assert_matches_reference(layer, keys, Routing(keys, train=True), ["A:b", "B:b"],
+                              atol=1e-5, untouched=("A:a", "B:a"))
 
 
 def test_auto_merges_only_where_the_low_rank_matmuls_weigh():
