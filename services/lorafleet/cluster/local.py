@@ -5,7 +5,11 @@ Every service is started exactly as in a container (`python -m
 lorafleet.<service> --port 0`), with settings passed through environment
 variables, JSON logs in one file per service, and the bound port read back from
 the service's `server_started` log event. Stopping sends SIGTERM (the services'
-graceful shutdown) and escalates to SIGKILL only past a deadline.
+graceful shutdown) and escalates to SIGKILL only past a deadline. Services stop
+in reverse start order, clients before the services they call; those started
+together (`start_together`: a node's trainer and rollout, the nodes of a mesh)
+call none of each other and stop together, so a mesh's teardown waits for the
+slowest node service once rather than for every one in turn.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,9 +123,31 @@ class LocalCluster:
         self.log_dir = self.run_dir / "logs"
         self.python = python
         self.services: dict[str, RunningService] = {}
+        # Names in start order, one list per start() or start_together() call;
+        # stop_all() goes through them backwards, one list at a time.
+        self._waves: list[list[str]] = []
 
     def start(self, spec: ServiceSpec) -> RunningService:
         """Launch one service; returns once it is running (not yet serving)."""
+        running = self._launch(spec)
+        self._waves.append([spec.name])
+        return running
+
+    def start_together(self, specs: Sequence[ServiceSpec]) -> list[RunningService]:
+        """Launch services that call none of each other (their engines load side by
+        side); `stop_all` stops them together too. Wait for each with `wait_serving`."""
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a service name appears twice in {names}")
+        wave: list[str] = []
+        self._waves.append(wave)
+        launched = []
+        for spec in specs:
+            launched.append(self._launch(spec))
+            wave.append(spec.name)
+        return launched
+
+    def _launch(self, spec: ServiceSpec) -> RunningService:
         if spec.name in self.services:
             raise ClusterError(f"service {spec.name!r} already started")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -211,21 +237,30 @@ class LocalCluster:
 
     def stop(self, name: str, timeout_s: float = 30.0) -> int:
         """SIGTERM, wait up to `timeout_s`, then SIGKILL. Returns the exit code."""
-        running = self.services[name]
-        process = running.process
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+        return self._stop_wave([name], timeout_s)[name]
+
+    def _stop_wave(self, names: list[str], timeout_s: float) -> dict[str, int]:
+        """SIGTERM every one of `names` at once, wait for all under one deadline,
+        SIGKILL whoever is still running past it. Returns the exit codes."""
+        deadline = time.monotonic() + timeout_s
+        processes = {name: self.services[name].process for name in names}
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        codes = {}
+        for name, process in processes.items():
             try:
-                process.wait(timeout=timeout_s)
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("service_kill", service=name, after_s=timeout_s)
                 process.kill()
                 process.wait()
-        # Anything the service started and left behind (an engine subprocess that
-        # outlived it) goes with it.
-        _kill_group(process)
-        log.info("service_stopped", service=name, exit_code=process.returncode)
-        return process.returncode
+            # Anything the service started and left behind (an engine subprocess
+            # that outlived it) goes with it.
+            _kill_group(process)
+            log.info("service_stopped", service=name, exit_code=process.returncode)
+            codes[name] = process.returncode
+        return codes
 
     def kill(self, name: str) -> None:
         """SIGKILL the service and every process it started, as a machine crash
@@ -236,10 +271,11 @@ class LocalCluster:
         process.wait()
 
     def stop_all(self, timeout_s: float = 30.0) -> dict[str, int]:
-        """Stop in reverse start order: clients before the services they call."""
+        """Stop in reverse start order, clients before the services they call; the
+        services of one `start_together` call together, `timeout_s` for them all."""
         codes = {}
-        for name in reversed(list(self.services)):
-            codes[name] = self.stop(name, timeout_s)
+        for wave in reversed(self._waves):
+            codes.update(self._stop_wave(wave[::-1], timeout_s))
         return codes
 
     def __enter__(self) -> LocalCluster:

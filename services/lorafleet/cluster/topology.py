@@ -47,9 +47,9 @@ def start_local_mesh(
             }
             env.update({f"{prefix}{k}": str(v) for k, v in capacity[service].items()})
             node_specs.append(ServiceSpec(f"{service}-{index}", service, env))
-    # Nodes start in parallel: their engines load concurrently.
-    for spec in node_specs:
-        cluster.start(spec)
+    # Nodes start (their engines load concurrently) and stop in parallel: no
+    # node service calls another.
+    cluster.start_together(node_specs)
     for spec in node_specs:
         cluster.wait_serving(spec.name)
     nodes_config = [
