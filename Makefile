@@ -36,7 +36,7 @@ up: install
 # file whole on one worker, so a module's engine or mesh starts once. Two suit a
 # 2-core machine: most of a test's wall time is a service or engine starting or
 # a mesh waiting on the next RL step, which the other worker's test fills (on a
-# 2-core Intel machine the suite took 6:45 in one process, 4:03-4:49 on two).
+# 2-core Intel machine the suite took 8:00 in one process, 4:03-4:49 on two).
 # TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
