@@ -580,6 +580,7 @@ def arm_summary(outcomes: list[Outcome], makespan_s: float, *,
     rollout_tokens = sum(o.rollout_tokens for o in outcomes) / rounds
     train_tokens = sum(o.train_tokens for o in outcomes) / rounds
     fused = [o.mean_fused_adapters for o in outcomes if o.mean_fused_adapters]
+    first_finish_s = first_finish(outcomes)
     return _clean(
         {
             "n": n,
@@ -590,6 +591,9 @@ def arm_summary(outcomes: list[Outcome], makespan_s: float, *,
             "experiments_per_hour": n / makespan_s * 3600 if makespan_s > 0 else math.nan,
             "mean_completion_s": float(np.mean(completions)),
             "p95_completion_s": _p95(completions),
+            "first_finish_s": first_finish_s,
+            "tail_fraction": (1.0 - first_finish_s / makespan_s
+                              if first_finish_s is not None and makespan_s > 0 else None),
             "rollout_tokens": rollout_tokens,
             "train_tokens": train_tokens,
             # Over the makespan: what the arm got through end to end. Every
@@ -614,6 +618,21 @@ def arm_summary(outcomes: list[Outcome], makespan_s: float, *,
             "experiments": [o.to_json() for o in outcomes],
         }
     )
+
+
+def first_finish(outcomes: list[Outcome]) -> float | None:
+    """Experiments all at once (the lorafleet arm): when the first of a round
+    finished, the rounds' mean; None for the one-after-another arms.
+
+    From then on fewer experiments share the node than started, and once only a
+    few are left their step-by-step pipelines cannot keep every core busy: the
+    tail of the arm, which `tail_fraction` gives as a share of the makespan."""
+    if not outcomes or outcomes[0].arm != "lorafleet":
+        return None
+    rounds: dict[int, list[float]] = {}
+    for o in outcomes:
+        rounds.setdefault(o.round_index, []).append(o.completion_s)
+    return float(np.mean([min(times) for times in rounds.values()]))
 
 
 def makespan(arm: str, outcomes: list[Outcome]) -> float:
@@ -965,6 +984,14 @@ def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path
         f"{_fmt(result['quality_gap_max'], '.3f')} (warm vs cold, same experiments: "
         f"{_fmt(result['quality_gap_max_warm_vs_cold'], '.3f')})"
     )
+    concurrent = result["arms"]["lorafleet"][str(result["n_max"])]
+    if concurrent.get("first_finish_s") is not None:
+        console.print(
+            f"lorafleet N={result['n_max']}: the first experiment finished at "
+            f"{_fmt(concurrent['first_finish_s'])} s of {_fmt(concurrent['makespan_s'])} s, so "
+            f"the last {_fmt(100 * concurrent['tail_fraction'], '.0f')}% ran with fewer "
+            f"experiments than it started with"
+        )
     if not result["all_completed"]:
         console.print("[bold red]some experiments did not complete; see the JSON and "
                       f"the service logs under {result['stacks_dir']}[/]")

@@ -41,6 +41,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     assert out.with_suffix(".png").stat().st_size > 0
     assert "experiment throughput" in proc.stdout
+    assert "the first experiment finished at" in proc.stdout
     return {"json": json.loads(out.read_text()), "stdout": proc.stdout}
 
 
@@ -137,6 +138,15 @@ def test_lorafleet_makespan_is_the_mean_of_its_rounds(quick_run: dict) -> None:
         for r, span in enumerate(spans):
             own = [e for e in summary["experiments"] if e["round_index"] == r]
             assert span == pytest.approx(max(e["completion_s"] for e in own), rel=1e-3), n
+        # The tail: from the rounds' first finish to their mean makespan.
+        firsts = [
+            min(e["completion_s"] for e in summary["experiments"] if e["round_index"] == r)
+            for r in range(len(spans))
+        ]
+        assert summary["first_finish_s"] == pytest.approx(sum(firsts) / len(firsts), rel=1e-3)
+        assert 0 <= summary["tail_fraction"] < 1
+        for arm in ("single_tenant_cold", "single_tenant_warm"):
+            assert result["arms"][arm][n]["first_finish_s"] is None
         speedups = result["speedups"][n]
         warm = result["arms"]["single_tenant_warm"][n]["makespan_s"]
         assert speedups["vs_single_tenant_warm"] == pytest.approx(

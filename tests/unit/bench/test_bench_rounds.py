@@ -4,6 +4,7 @@ is tests/e2e/test_bench_throughput.py; these are its pure parts."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from types import ModuleType
@@ -68,6 +69,10 @@ def test_summary_of_two_rounds_is_per_round(bench: ModuleType) -> None:
     assert summary["phase_s"]["rollout"] == pytest.approx(12.0)
     assert summary["mean_step_s"] == pytest.approx(0.95)
     assert summary["mean_completion_s"] == pytest.approx(22.5)
+    # The first finishes of the rounds (15 s, 25 s), averaged, and the share of
+    # the makespan after it.
+    assert summary["first_finish_s"] == pytest.approx(20.0)
+    assert summary["tail_fraction"] == pytest.approx(1 - 20.0 / 25.0)
     # Shares of one round's summed experiment time (45 s), not of both rounds'.
     assert summary["phase_fraction"]["rollout"] == pytest.approx(12.0 / 45.0, rel=1e-3)
     assert len(summary["experiments"]) == 4
@@ -81,6 +86,15 @@ def test_summary_of_one_round_is_unchanged(bench: ModuleType) -> None:
     assert summary["rollout_tokens"] == 2000
     assert summary["rollout_tokens_per_s"] == pytest.approx(100.0)
     assert summary["experiments_per_hour"] == pytest.approx(360.0)
+
+
+def test_one_after_another_has_no_first_finish(bench: ModuleType) -> None:
+    outcomes = [
+        dataclasses.replace(_outcome(bench, i, 0, c, 1000), arm="single_tenant_warm")
+        for i, c in enumerate((15.0, 20.0))
+    ]
+    summary = bench.arm_summary(outcomes, 35.0)
+    assert summary["first_finish_s"] is None and summary["tail_fraction"] is None
 
 
 def test_cpu_of_rounds_is_their_mean(bench: ModuleType) -> None:
