@@ -105,6 +105,11 @@ def make_sync_channel(
     )
 
 
+# One health check's own timeout inside `wait_for_serving`'s polling.
+CHECK_TIMEOUT_S = 1.0
+NO_ANSWER = "no answer"
+
+
 async def wait_for_serving(
     address: str, service: str = "", timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> None:
@@ -115,7 +120,7 @@ async def wait_for_serving(
             ``timeout_s`` (the last status or error seen is in the message).
     """
     deadline = time.monotonic() + timeout_s
-    last = "no answer"
+    last = NO_ANSWER
     # Retries off: this loop is the retry policy, and a fresh answer per poll
     # matters more than riding out one UNAVAILABLE.
     async with make_channel(address, retry=False) as channel:
@@ -124,16 +129,21 @@ async def wait_for_serving(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            call_timeout_s = min(remaining, CHECK_TIMEOUT_S)
             try:
                 response = await stub.Check(
-                    health_pb2.HealthCheckRequest(service=service),
-                    timeout=min(remaining, 1.0),
+                    health_pb2.HealthCheckRequest(service=service), timeout=call_timeout_s
                 )
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
             except grpc.aio.AioRpcError as exc:
-                last = exc.code().name
+                # A poll cut short by this wait's own deadline says nothing about
+                # the server: keep what an earlier poll saw (NOT_SERVING, say).
+                cut_short = (exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                             and call_timeout_s < CHECK_TIMEOUT_S)
+                if not (cut_short and last != NO_ANSWER):
+                    last = exc.code().name
             await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
     log.warning("service_not_serving", address=address, service=service, last=last)
     raise Unavailable(
