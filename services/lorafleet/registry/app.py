@@ -1,8 +1,8 @@
 """Wires the registry from its settings: stores, publisher, copier, servicer.
 
 Shutdown order (after the server stopped serving RPCs): stop the background
-copier and retention tasks first (they use the stores), then the blob store,
-then the database pool.
+idempotency sweeps, copier and retention tasks first (they use the stores), then
+the blob store, then the database pool.
 """
 
 from __future__ import annotations
@@ -12,17 +12,15 @@ from dataclasses import dataclass
 import structlog
 
 from lorafleet.core.app import ServiceApp
+from lorafleet.core.sql import SqlIdempotencyStore
 from lorafleet.registry.blobs import BlobStore, open_blob_store
 from lorafleet.registry.config import RegistrySettings
 from lorafleet.registry.copier import DurableCopier
 from lorafleet.registry.domain import AdapterRegistry, RetentionPolicy
 from lorafleet.registry.publish import Publisher
 from lorafleet.registry.service import RegistryServicer, servicer_binding
-from lorafleet.registry.store.sql import (
-    InTransactionIdempotencyStore,
-    SqlIdempotencyStore,
-    SqlMetadataStore,
-)
+from lorafleet.registry.store.schema import idempotency as idempotency_answers
+from lorafleet.registry.store.sql import SqlMetadataStore
 from lorafleet.registry.uris import FileRoots
 from lorafleet.registry.validation import Limits
 
@@ -37,9 +35,11 @@ class RegistryRuntime:
     registry: AdapterRegistry
     store: SqlMetadataStore
     blobs: BlobStore
+    idempotency: SqlIdempotencyStore
     app: ServiceApp
 
     async def close(self) -> None:
+        await self.idempotency.close()
         await self.registry.close()
         await self.blobs.close()
         await self.store.close()
@@ -94,17 +94,20 @@ async def build_runtime(settings: RegistrySettings) -> RegistryRuntime:
         max_lora_rank=settings.max_lora_rank,
         watch_poll_interval_s=settings.watch_poll_interval_s,
     )
-    idempotency = SqlIdempotencyStore(store)
+    idempotency = SqlIdempotencyStore(
+        store.db, idempotency_answers, ttl_s=settings.idempotency_ttl_s
+    )
     runtime = RegistryRuntime(
         registry=registry,
         store=store,
         blobs=blobs,
+        idempotency=idempotency,
         app=ServiceApp(
             bindings=[
                 servicer_binding(
                     RegistryServicer(
                         registry,
-                        InTransactionIdempotencyStore(idempotency),
+                        idempotency,
                         upload_header_timeout_s=settings.upload_idle_timeout_s,
                     )
                 )
@@ -113,8 +116,9 @@ async def build_runtime(settings: RegistrySettings) -> RegistryRuntime:
     )
     runtime.app.on_shutdown.append(runtime.close)
     try:
-        swept = await idempotency.sweep(settings.idempotency_ttl_s)
+        swept = await idempotency.sweep()
         await registry.start()
+        idempotency.start_sweeping()
     except BaseException:
         await runtime.close()
         raise

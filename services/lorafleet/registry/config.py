@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from lorafleet.core.config import MIB, ServiceSettings
+from lorafleet.core.sql import DEFAULT_TTL_S
 
 GIB = 1024 * MIB
 
@@ -100,9 +101,10 @@ class RegistrySettings(ServiceSettings):
         default=5, ge=1, description="Tries per durable copy before giving up until restart."
     )
     idempotency_ttl_s: float = Field(
-        default=7 * 24 * 3600.0,
+        default=DEFAULT_TTL_S,
         gt=0,
-        description="How long request_id answers are kept for replay (swept at start).",
+        description="How long request_id answers are kept for replay (swept at start and "
+        "then every quarter of this, at most hourly).",
     )
     replica_id: str = Field(
         default="",

@@ -24,12 +24,13 @@ from typing import BinaryIO
 import structlog
 
 from lorafleet.core.errors import DataLoss, LorafleetError, NotFound
+from lorafleet.core.sql import IdempotencyRecord
 from lorafleet.registry import fields
 from lorafleet.registry import metrics as registry_metrics
 from lorafleet.registry.blobs import BlobStore, sha256_of, version_prefix
 from lorafleet.registry.copier import DurableCopier
 from lorafleet.registry.publish import Chunk, Publisher, UploadHeader
-from lorafleet.registry.store.sql import IdempotencyRecord, SqlMetadataStore
+from lorafleet.registry.store.sql import SqlMetadataStore
 from lorafleet.registry.types import Adapter, FileDigest, LoraSpec, Page, Version, VersionState
 from lorafleet.registry.uris import FileRoots
 

@@ -41,13 +41,14 @@ from typing import BinaryIO
 import structlog
 
 from lorafleet.core.errors import DataLoss, DeadlineExceeded, InvalidArgument
+from lorafleet.core.sql import IdempotencyRecord
 from lorafleet.registry.blobs import BlobStore, new_attempt_id, sha256_of, version_prefix
 from lorafleet.registry.manifest import (
     check_declared_files,
     check_manifest_digest,
     manifest_sha256,
 )
-from lorafleet.registry.store.sql import AbandonedAttempt, IdempotencyRecord, SqlMetadataStore
+from lorafleet.registry.store.sql import AbandonedAttempt, SqlMetadataStore
 from lorafleet.registry.types import (
     CONFIG_FILE,
     WEIGHTS_FILE,

@@ -15,11 +15,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lorafleet.api.common.v1 import adapter_pb2
 from lorafleet.api.registry.v1 import registry_pb2, registry_pb2_grpc
 from lorafleet.core.errors import DataLoss, DeadlineExceeded, InvalidArgument
-from lorafleet.core.idempotency import IdempotencyStore, fingerprint_of, once
+from lorafleet.core.idempotency import fingerprint_of, once
 from lorafleet.core.server import ServiceBinding
+from lorafleet.core.sql import IdempotencyRecord, SqlIdempotencyStore
 from lorafleet.registry.domain import AdapterRegistry
 from lorafleet.registry.publish import Chunk, UploadHeader
-from lorafleet.registry.store.sql import IdempotencyRecord
 from lorafleet.registry.types import Adapter, FileDigest, LoraSpec, Version, VersionState
 
 SERVICE = registry_pb2.DESCRIPTOR.services_by_name["AdapterRegistryService"]
@@ -128,12 +128,12 @@ class RegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     def __init__(
         self,
         registry: AdapterRegistry,
-        idempotency: IdempotencyStore,
+        idempotency: SqlIdempotencyStore,
         *,
         upload_header_timeout_s: float = 60.0,
     ) -> None:
-        """``idempotency`` only needs to answer ``get``: every change stores its
-        first answer in its own transaction (see ``_idempotent``)."""
+        """Every change stores its first answer in its own transaction (see
+        ``_idempotent``), in ``idempotency``'s table of the registry database."""
         self._registry = registry
         self._idempotency = idempotency
         self._upload_header_timeout_s = upload_header_timeout_s
@@ -152,18 +152,16 @@ class RegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
         scope = f"{SERVICE.full_name}/{method}"
         request_id: str = request.request_id  # type: ignore[attr-defined]
         fingerprint = fingerprint or fingerprint_of(request)
-        record = (
-            IdempotencyRecord(
-                scope, request_id, fingerprint, lambda r: to_response(r).SerializeToString()
-            )
-            if request_id
-            else None
+        record = self._idempotency.record(
+            scope, request_id, fingerprint, lambda r: to_response(r).SerializeToString()
         )
 
         async def run() -> R:
             return to_response(await change(record))
 
-        return await once(self._idempotency, scope, request_id, fingerprint, run, response_type)
+        return await once(
+            self._idempotency.in_transaction(), scope, request_id, fingerprint, run, response_type
+        )
 
     # adapters
 

@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from lorafleet.core.config import ServiceSettings
+from lorafleet.core.sql import DEFAULT_TTL_S
 
 
 class StaticNode(BaseModel):
@@ -60,4 +61,10 @@ class SchedulerSettings(ServiceSettings):
         ge=1,
         description="Fair-share budget: rollout tokens (prompts x samples x max_tokens) "
         "admitted to one node at a time; beyond it experiments wait their weighted turn.",
+    )
+    idempotency_ttl_s: float = Field(
+        default=DEFAULT_TTL_S,
+        gt=0,
+        description="How long request_id answers are kept for replay (swept at start and "
+        "then every quarter of this, at most hourly).",
     )

@@ -18,6 +18,7 @@ from lorafleet.api.common.v1 import metrics_pb2
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
 from lorafleet.core.database import Database
 from lorafleet.core.errors import AlreadyExists, NotFound
+from lorafleet.core.sql import idempotency_table
 from lorafleet.scheduler.types import Checkpoint, ExperimentRecord, NodeRecord
 
 metadata = sa.MetaData()
@@ -87,6 +88,10 @@ pushed_data = sa.Table(
     sa.Column("payload", sa.Text, nullable=False),
     sa.Column("consumed", sa.Boolean, nullable=False, default=False),
 )
+
+# request_id -> first answer of the scheduler's state-changing RPCs
+# (`lorafleet.core.sql`; the name predates the scheduler_ prefix of the others).
+idempotency = idempotency_table("idempotency_keys", metadata)
 
 _EXPERIMENT_FIELDS = {
     "state",

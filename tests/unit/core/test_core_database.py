@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from lorafleet.core.database import Database
-
-PG_ADMIN_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
 metadata = sa.MetaData()
 counters = sa.Table(
@@ -23,35 +19,6 @@ counters = sa.Table(
     sa.Column("name", sa.String(32), primary_key=True),
     sa.Column("value", sa.Integer, nullable=False),
 )
-
-
-async def _pg_admin(sql: str) -> None:
-    admin = create_async_engine(PG_ADMIN_URL)
-    try:
-        async with admin.connect() as conn:
-            await (await conn.execution_options(isolation_level="AUTOCOMMIT")).execute(sa.text(sql))
-    finally:
-        await admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db(request, tmp_path):
-    if request.param == "sqlite":
-        opened = Database(f"sqlite:///{tmp_path}/db/counters.db")
-        await opened.create_all(metadata)
-        yield opened
-        await opened.dispose()
-        return
-    name = f"lorafleet_db_{uuid.uuid4().hex[:8]}"
-    try:
-        await _pg_admin(f"CREATE DATABASE {name}")
-    except (OSError, sa.exc.OperationalError, sa.exc.DBAPIError) as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
-    opened = Database(f"postgresql://postgres@127.0.0.1:5432/{name}")
-    await opened.create_all(metadata)
-    yield opened
-    await opened.dispose()
-    await _pg_admin(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def _value(conn: sa.Connection) -> int | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from lorafleet.core.sql import idempotency_table
+
 metadata = sa.MetaData()
 
 adapters = sa.Table(
@@ -72,12 +74,6 @@ aliases = sa.Table(
     sa.Column("update_time_us", sa.BigInteger, nullable=False),
 )
 
-idempotency = sa.Table(
-    "registry_idempotency",
-    metadata,
-    sa.Column("scope", sa.String(255), primary_key=True),
-    sa.Column("request_id", sa.String(128), primary_key=True),
-    sa.Column("fingerprint", sa.LargeBinary, nullable=False),
-    sa.Column("response", sa.LargeBinary, nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False, index=True),
-)
+# request_id -> first answer (`lorafleet.core.sql`); the changes write theirs in
+# their own transactions.
+idempotency = idempotency_table("registry_idempotency", metadata)

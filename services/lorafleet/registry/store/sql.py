@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,8 +32,8 @@ from lorafleet.core.errors import (
     NotFound,
     Unavailable,
 )
-from lorafleet.core.idempotency import StoredResponse
-from lorafleet.registry.store.schema import adapters, aliases, idempotency, metadata, versions
+from lorafleet.core.sql import IdempotencyRecord
+from lorafleet.registry.store.schema import adapters, aliases, metadata, versions
 from lorafleet.registry.types import (
     LATEST,
     Adapter,
@@ -59,30 +59,9 @@ def _due_s(ready_time_us: int | None, min_age_s: float) -> float | None:
     return None if ready_time_us is None else ready_time_us / 1e6 + min_age_s
 
 
-@dataclass(frozen=True)
-class IdempotencyRecord:
-    """A first answer to store in the same transaction as the change it
-    describes, so a crash can never leave one without the other."""
-
-    scope: str
-    request_id: str
-    fingerprint: bytes
-    encode: Callable[[Any], bytes]
-    """Turns the change's result into the serialized response."""
-
-
 def _store_record(conn: sa.Connection, record: IdempotencyRecord | None, result: Any) -> None:
-    if record is None:
-        return
-    conn.execute(
-        idempotency.insert().values(
-            scope=record.scope,
-            request_id=record.request_id,
-            fingerprint=record.fingerprint,
-            response=record.encode(result),
-            created_at=time.time(),
-        )
-    )
+    if record is not None:
+        record.write(conn, result)
 
 
 @dataclass(frozen=True)
@@ -882,68 +861,3 @@ def _oldest_retirable_us(conn: sa.Connection, adapter_id: str, keep_last: int) -
     return conn.execute(
         sa.select(sa.func.min(past_kept.c.ready_time_us)).where(past_kept.c.version.not_in(aliased))
     ).scalar()
-
-
-class InTransactionIdempotencyStore:
-    """The store ``once`` sees when every change writes its own answer inside
-    its transaction (``IdempotencyRecord``): reads go to SQL, the after-the-fact
-    ``put`` has nothing left to do."""
-
-    def __init__(self, store: SqlIdempotencyStore) -> None:
-        self._store = store
-
-    async def get(self, scope: str, request_id: str) -> StoredResponse | None:
-        return await self._store.get(scope, request_id)
-
-    async def put(self, scope: str, request_id: str, stored: StoredResponse) -> None:
-        return None
-
-
-class SqlIdempotencyStore:
-    """``lorafleet.core.idempotency.IdempotencyStore`` over the registry database,
-    so request_id replays survive restarts and work across replicas."""
-
-    def __init__(self, store: SqlMetadataStore) -> None:
-        self._store = store
-
-    async def get(self, scope: str, request_id: str) -> StoredResponse | None:
-        query = sa.select(idempotency).where(
-            idempotency.c.scope == scope, idempotency.c.request_id == request_id
-        )
-        row = await self._store.read(lambda conn: conn.execute(query).first())
-        if row is None:
-            return None
-        return StoredResponse(
-            fingerprint=bytes(row.fingerprint),
-            response=bytes(row.response),
-            created_at=row.created_at,
-        )
-
-    async def put(self, scope: str, request_id: str, stored: StoredResponse) -> None:
-        # The first answer wins: a row written by the change's own transaction
-        # (publishes) or by a concurrent replica is left as it is.
-        def put(conn: sa.Connection) -> None:
-            exists = conn.execute(
-                sa.select(idempotency.c.request_id).where(
-                    idempotency.c.scope == scope, idempotency.c.request_id == request_id
-                )
-            ).first()
-            if exists is None:
-                conn.execute(
-                    idempotency.insert().values(
-                        scope=scope,
-                        request_id=request_id,
-                        fingerprint=stored.fingerprint,
-                        response=stored.response,
-                        created_at=stored.created_at,
-                    )
-                )
-
-        try:
-            await self._store.write(put)
-        except IntegrityError:
-            log.debug("idempotency_put_raced", scope=scope, request_id=request_id)
-
-    async def sweep(self, older_than_s: float) -> int:
-        delete = idempotency.delete().where(idempotency.c.created_at < time.time() - older_than_s)
-        return await self._store.write(lambda conn: conn.execute(delete).rowcount)
