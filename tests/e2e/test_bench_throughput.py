@@ -2,8 +2,8 @@
 rollout, trainer, scheduler as processes), three arms, the JSON it writes.
 
 The quick config runs N = 1, 2 with 3 short steps per experiment, and the
-lorafleet arms in two rounds (as the full run does); its time is mostly two stack
-starts (about a minute each on 2 cores).
+lorafleet arms in two rounds (as the full run does); its time is mostly three stack
+starts (the unmeasured warm-up and one per experiment; 20-60 s each on 2 cores).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 ARMS = ("single_tenant_cold", "single_tenant_warm", "lorafleet")
-# Two stack starts of ~60 s, seven experiments of a few seconds, two teardowns;
-# generous for a loaded machine, far below the suite's per-test timeout.
+# Three stack starts of up to ~60 s, seven experiments of a few seconds, three
+# teardowns; generous for a loaded machine, far below the suite's per-test timeout.
 TIMEOUT_S = 540
 
 
@@ -42,6 +42,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     assert out.with_suffix(".png").stat().st_size > 0
     assert "experiment throughput" in proc.stdout
     assert "the first experiment finished at" in proc.stdout
+    assert "the unmeasured warm-up stack started in" in proc.stdout
     return {"json": json.loads(out.read_text()), "stdout": proc.stdout}
 
 
@@ -56,9 +57,11 @@ def test_top_level_keys(quick_run: dict) -> None:
     assert isinstance(gap, float | int) and 0 <= gap <= 1
     assert isinstance(result["warm_experiment_at_least_cold_start"], bool)
     assert _positive(result["min_warm_experiment_s"])
-    # One cold start per experiment of the largest N.
+    # One cold start per experiment of the largest N, after an unmeasured one.
     starts = result["cold_start_s"]["each"]
     assert len(starts) == result["n_max"] and all(_positive(s) for s in starts)
+    assert result["config"]["warmup_stack"] is True
+    assert _positive(result["warmup_start_s"])
     # The check's boolean is the comparison of the two recorded numbers.
     assert result["warm_experiment_at_least_cold_start"] == (
         result["min_warm_experiment_s"] >= result["cold_start_s"]["max"]
@@ -183,7 +186,7 @@ def test_schedule_interleaves_the_arms(quick_run: dict) -> None:
     result = quick_run["json"]
     n_max, ns = result["n_max"], result["config"]["n"]
     assert (n_max, result["config"]["concurrent_rounds"]) == (2, 2)
-    expected = []
+    expected = ["warm-up stack"]  # config.warmup_stack, on by default
     for i in range(n_max):
         expected += [f"single_tenant_cold {i}", f"single_tenant_warm {i}"]
         expected += [f"lorafleet N={n} round {i + 1}" for n in sorted(ns, reverse=True)]
