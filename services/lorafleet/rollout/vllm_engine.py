@@ -53,7 +53,7 @@ from lorafleet.core.errors import (
     Unavailable,
 )
 from lorafleet.rollout import metrics
-from lorafleet.rollout.allocator import find_tcmalloc, with_tcmalloc
+from lorafleet.rollout.allocator import preload_tcmalloc
 from lorafleet.rollout.engine_process import engine_threads, use_one_process, worker_threads
 from lorafleet.rollout.types import (
     EngineAdapter,
@@ -257,9 +257,7 @@ class VllmEngine:
         # Read by lorafleet.rollout.vllm_patches in the engine process, like SPIN_ENV.
         os.environ[SHARE_ENV] = "1" if self._share_prompt_rows else "0"
         if self._preload_tcmalloc and _on_cpu():
-            preload = with_tcmalloc(os.environ, find_tcmalloc())
-            if preload is not None:
-                os.environ["LD_PRELOAD"] = preload  # lorafleet.rollout.allocator
+            preload_tcmalloc(os.environ)  # lorafleet.rollout.allocator
         started = time.perf_counter()
         # Built in a worker thread: the constructor blocks for the whole model load
         # (~20 s on 2 CPU cores), and the event loop must keep answering health
