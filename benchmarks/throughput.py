@@ -990,7 +990,7 @@ def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path
     numbers = (f"fastest warm experiment {_fmt(result['min_warm_experiment_s'])} s, "
                f"slowest cold start {_fmt(result['cold_start_s']['max'])} s "
                f"(mean {_fmt(result['cold_start_s']['mean'])} s)")
-    if result.get("warmup_start_s") is not None:
+    if result["warmup_start_s"] is not None:
         numbers += f"; the unmeasured warm-up stack started in {_fmt(result['warmup_start_s'])} s"
     if check:
         console.print(f"[green]warm experiment >= cold start holds[/]: {numbers}")
@@ -1016,7 +1016,7 @@ def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path
             f"the last {_fmt(100 * concurrent['tail_fraction'], '.0f')}% ran with fewer "
             f"experiments than it started with"
         )
-    if result["machine"].get("tcmalloc", "") is None:
+    if result["machine"]["tcmalloc"] is None:
         console.print("[yellow]tcmalloc was not found, so vLLM's CPU engine ran on glibc's "
                       "allocator: install it (Debian: apt-get install libtcmalloc-minimal4) "
                       "to measure the configuration the README describes[/]")
