@@ -68,7 +68,6 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
@@ -83,9 +82,7 @@ from lorafleet.cluster.local import (  # noqa: E402
 )
 from lorafleet.cluster.progress import (  # noqa: E402
     RunResult,
-    collect,
     follow_live,
-    live_table,
     state_name,
 )
 from lorafleet.cluster.topology import start_local_mesh  # noqa: E402
@@ -497,21 +494,15 @@ def summed_cpu(readings: Sequence[Mapping[str, float]], seconds: float) -> dict[
 
 def run_alone(client: SchedulerClient, plan: Planned, experiment_id: str, console: Console,
               title: str) -> RunResult:
-    """Submit one experiment and follow its watch stream to the end.
+    """Submit one experiment and follow it to the end.
 
-    The stream ends on the terminal lifecycle event, so the next experiment of a
-    sequential arm is submitted without a polling delay.
+    Its watch stream ends on the terminal lifecycle event, so the next
+    experiment of a sequential arm is submitted without a polling delay.
     """
     started = time.monotonic()
     client.submit(plan.spec, experiment_id=experiment_id)
-    steps = []
-    with Live(console=console, refresh_per_second=2) as live:
-        live.update(live_table([client.get(experiment_id)], started, title))
-        for event in client.watch(experiment_id):
-            if event.WhichOneof("event") == "step":
-                steps.append(event.step)
-                live.update(live_table([client.get(experiment_id)], started, title))
-    return RunResult(client.get(experiment_id), steps)
+    (result,) = follow_live(client, [experiment_id], console, started=started, title=title)
+    return result
 
 
 def run_at_once(client: SchedulerClient, stack: BenchStack, plans: Sequence[Planned],
@@ -529,9 +520,8 @@ def run_at_once(client: SchedulerClient, stack: BenchStack, plans: Sequence[Plan
     title = f"{ARM_LABELS['lorafleet']} N={n}"
     if round_index:
         title += f", round {round_index + 1}"
-    follow_live(client, ids, progress, started=started, title=title)
+    results = follow_live(client, ids, progress, started=started, title=title)
     after = stack_cpu_s(stack)
-    results = collect(client, ids)
     outcomes = [
         outcome_of("lorafleet", plan, result, started_at, round_index=round_index)
         for plan, result in zip(plans, results, strict=True)

@@ -116,7 +116,7 @@ def demo_command(run_dir: Path | None, steps: int, tasks: str) -> None:
     any experiment failed to improve.
     """
     from lorafleet.client.scheduler import SchedulerClient, builtin_spec
-    from lorafleet.cluster.progress import collect, final_table, follow_live, plot_reward_curves
+    from lorafleet.cluster.progress import final_table, follow_live, plot_reward_curves
     from lorafleet.models.cache import ensure_tiny_model
 
     configure_logging("console", "warning")
@@ -137,9 +137,8 @@ def demo_command(run_dir: Path | None, steps: int, tasks: str) -> None:
                 ).experiment_id
                 for index, task in enumerate(task_list)
             ]
-            follow_live(scheduler, ids, console, started=started)
+            results = follow_live(scheduler, ids, console, started=started)
             wall_s = time.monotonic() - started
-            results = collect(scheduler, ids)
         console.print(final_table(results, wall_s))
         plots = plot_reward_curves(results, cluster.run_dir / "plots")
         console.print("reward curves: " + ", ".join(str(p) for p in plots))

@@ -6,6 +6,7 @@ public API.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,6 @@ from rich.table import Table
 from lorafleet.api.common.v1 import metrics_pb2
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
 from lorafleet.client.scheduler import SchedulerClient
-from lorafleet.scheduler.types import TERMINAL_STATES
 
 
 def task_of(experiment: pb.Experiment) -> str:
@@ -120,20 +120,34 @@ def final_table(results: list[RunResult], wall_s: float) -> Table:
     return table
 
 
-def collect(client: SchedulerClient, experiment_ids: list[str]) -> list[RunResult]:
-    results = []
-    for experiment_id in experiment_ids:
-        steps = [
-            event.step
-            for event in client.watch(experiment_id)
-            if event.WhichOneof("event") == "step"
-        ]
-        results.append(RunResult(client.get(experiment_id), steps))
-    return results
+class _Follower:
+    """One experiment's WatchExperiment stream, read on its own thread: the step
+    metrics it carries, and the experiment as read again after each event."""
 
+    def __init__(self, client: SchedulerClient, experiment_id: str) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.experiment = client.get(experiment_id)
+        self.steps: list[metrics_pb2.StepMetrics] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._follow, name=f"follow-{experiment_id}", daemon=True
+        )
 
-def all_finished(experiments: list[pb.Experiment]) -> bool:
-    return all(e.state in TERMINAL_STATES for e in experiments)
+    def _follow(self) -> None:
+        try:
+            for event in self.client.watch(self.experiment_id):
+                if event.WhichOneof("event") == "step":
+                    self.steps.append(event.step)
+                self.experiment = self.client.get(self.experiment_id)
+            # The stream ends on the terminal event; this read carries end_time
+            # and the final accuracy.
+            self.experiment = self.client.get(self.experiment_id)
+        except BaseException as exc:  # re-raised on the caller's thread
+            self.error = exc
+
+    def result(self) -> RunResult:
+        return RunResult(self.experiment, list(self.steps))
 
 
 def follow_live(
@@ -143,24 +157,35 @@ def follow_live(
     *,
     started: float,
     title: str = "lorafleet demo",
-    poll_s: float = 0.5,
-) -> list[pb.Experiment]:
-    """Show `live_table` of the experiments until all are finished; their final state.
+    refresh_s: float = 0.5,
+) -> list[RunResult]:
+    """Show `live_table` of the experiments until all are finished; each one's
+    final state and step metrics.
 
-    Polls GetExperiment: a table refreshed twice a second needs no more, and
-    callers that time experiments read the scheduler's end timestamps, so the
-    poll interval never shows up in a measurement.
+    Follows each experiment's WatchExperiment stream and reads the experiment
+    again only when an event arrives: one GetExperiment per step, where polling
+    every experiment twice a second cost the scheduler more CPU than the steps'
+    own bookkeeping once eight ran at once (about 2.8 ms of scheduler and client
+    CPU a read, 3,500 reads in a 60-step run of eight). The table redraws from
+    what the threads last read, so a slow redraw never delays a step. Callers
+    that time experiments read the scheduler's end timestamps.
     """
+    followers = [_Follower(client, i) for i in experiment_ids]
+    for follower in followers:
+        follower.thread.start()
     with Live(console=console, refresh_per_second=2) as live:
         while True:
-            experiments = [client.get(i) for i in experiment_ids]
-            live.update(live_table(experiments, started, title))
-            if all_finished(experiments):
+            live.update(live_table([f.experiment for f in followers], started, title))
+            running = [f for f in followers if f.thread.is_alive()]
+            failed = [f.error for f in followers if f.error is not None]
+            if failed:
+                raise failed[0]
+            if not running:
                 break
-            time.sleep(poll_s)
+            running[0].thread.join(refresh_s)
     # A non-terminal console leaves the last frame without a line end.
     console.print()
-    return experiments
+    return [f.result() for f in followers]
 
 
 def plot_reward_curves(results: list[RunResult], out_dir: Path) -> list[Path]:
