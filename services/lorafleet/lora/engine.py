@@ -35,7 +35,6 @@ import structlog
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from lorafleet.core.errors import FailedPrecondition, Internal, LorafleetError
@@ -51,6 +50,7 @@ from lorafleet.lora.losses import (
 from lorafleet.lora.optim import AdapterOptimizer, validate_optimizer_config
 from lorafleet.lora.peft_io import load_peft_adapter, save_peft_adapter
 from lorafleet.lora.spec import LoraSpec
+from lorafleet.lora.tensor_bytes import safetensors_bytes
 from lorafleet.lora.types import (
     AdapterInfo,
     ForwardBackwardResult,
@@ -428,7 +428,7 @@ class TrainEngine:
             }
         # One metadata key holding sorted JSON: safetensors writes its metadata map
         # in hash order, so several keys would make the bytes vary run to run.
-        return save_safetensors_bytes(
+        return safetensors_bytes(
             tensors, metadata={_STATE_META_KEY: json.dumps(meta, sort_keys=True)})
 
     def load_state(self, name: str, data: bytes,

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors_bytes
 
 from lorafleet.lora.errors import LoraSpecError, invalid
 from lorafleet.lora.spec import LoraSpec
+from lorafleet.lora.tensor_bytes import safetensors_bytes
 from lorafleet.lora.types import FileDigest, SavedAdapter
 
 CONFIG_NAME = "adapter_config.json"
@@ -95,7 +95,7 @@ def encode_adapter(tensors: Mapping[str, torch.Tensor], spec: LoraSpec,
         for name, t in sorted(tensors.items())
     }
     # Fixed metadata: peft writes {"format": "pt"}; nothing time- or host-dependent.
-    weights = save_safetensors_bytes(payload, metadata={"format": "pt"})
+    weights = safetensors_bytes(payload, metadata={"format": "pt"})
     return {CONFIG_NAME: config.encode(), WEIGHTS_NAME: weights}
 
 
