@@ -507,8 +507,6 @@ class ExperimentRunner:
         )
         if eval_accuracy is not None:
             metrics.eval_accuracy = eval_accuracy
-        if rec.checkpoint.step == step:
-            await self.store.save_checkpoint(self.exp, rec.checkpoint)
         fields: dict[str, object] = {
             "latest_version": ref.version,
             "last_reward": reward_mean,
@@ -518,7 +516,12 @@ class ExperimentRunner:
         if eval_accuracy is not None:
             fields["latest_accuracy"] = eval_accuracy
             rec.latest_accuracy = eval_accuracy
-        await self.store.complete_step(self.exp, metrics, **fields)
+        await self.store.complete_step(
+            self.exp,
+            metrics,
+            checkpoint=rec.checkpoint if rec.checkpoint.step == step else None,
+            **fields,
+        )
         async with self._progress:
             rec.current_step = step
             rec.latest_version = ref.version

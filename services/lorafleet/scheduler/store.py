@@ -234,9 +234,16 @@ class SchedulerStore:
     # steps -------------------------------------------------------------------
 
     async def complete_step(
-        self, experiment_id: str, metrics: metrics_pb2.StepMetrics, **fields: object
+        self,
+        experiment_id: str,
+        metrics: metrics_pb2.StepMetrics,
+        *,
+        checkpoint: Checkpoint | None = None,
+        **fields: object,
     ) -> bool:
-        """Store step `metrics.step` and advance the experiment to it, atomically.
+        """Store step `metrics.step` and advance the experiment to it, atomically,
+        with the step's trainer checkpoint when it saved one (one commit per step:
+        a checkpoint is never recorded for a step the database does not have).
 
         Returns False (and changes nothing) when that step is already stored:
         a replayed step after a restart must not count twice.
@@ -244,6 +251,12 @@ class SchedulerStore:
         unknown = set(fields) - _EXPERIMENT_FIELDS
         if unknown:
             raise ValueError(f"not experiment fields: {sorted(unknown)}")
+        if checkpoint is not None:
+            fields.update(
+                checkpoint_uri=checkpoint.uri,
+                checkpoint_sha256=checkpoint.sha256,
+                checkpoint_step=checkpoint.step,
+            )
         insert = sa.insert(steps).values(
             experiment_id=experiment_id,
             step=metrics.step,

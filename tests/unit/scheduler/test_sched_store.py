@@ -15,7 +15,7 @@ from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
 from lorafleet.core.database import Database
 from lorafleet.core.errors import AlreadyExists, NotFound
 from lorafleet.scheduler.store import SchedulerStore
-from lorafleet.scheduler.types import ExperimentRecord
+from lorafleet.scheduler.types import Checkpoint, ExperimentRecord
 
 PG_ADMIN_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
@@ -75,6 +75,26 @@ async def test_a_step_is_stored_once_and_advances_the_counter_atomically(store):
     got = await store.get_experiment("exp-2")
     assert (got.current_step, got.latest_version) == (1, 2)
     assert [m.step for m in await store.list_steps("exp-2")] == [1]
+
+
+async def test_a_step_stores_its_checkpoint_in_the_same_commit(store):
+    await store.create_tables()
+    await store.insert_experiment(_record("exp-4"))
+    first = Checkpoint("file:///state/step-1", "a" * 64, 1)
+    assert await store.complete_step(
+        "exp-4", metrics_pb2.StepMetrics(step=1), checkpoint=first, latest_version=2
+    )
+    assert (await store.get_experiment("exp-4")).checkpoint == first
+    # A step without a checkpoint keeps the last one.
+    assert await store.complete_step("exp-4", metrics_pb2.StepMetrics(step=2), latest_version=3)
+    got = await store.get_experiment("exp-4")
+    assert (got.current_step, got.checkpoint) == (2, first)
+    # A replayed step records neither its metrics nor its checkpoint.
+    replayed = Checkpoint("file:///state/step-2-replayed", "b" * 64, 2)
+    assert not await store.complete_step(
+        "exp-4", metrics_pb2.StepMetrics(step=2), checkpoint=replayed, latest_version=3
+    )
+    assert (await store.get_experiment("exp-4")).checkpoint == first
 
 
 async def test_concurrent_duplicate_steps_store_exactly_one(store):
