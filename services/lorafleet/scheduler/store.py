@@ -111,6 +111,14 @@ _EXPERIMENT_FIELDS = {
 }
 
 
+def _checkpoint_columns(checkpoint: Checkpoint) -> dict[str, object]:
+    return {
+        "checkpoint_uri": checkpoint.uri,
+        "checkpoint_sha256": checkpoint.sha256,
+        "checkpoint_step": checkpoint.step,
+    }
+
+
 def _record(row: sa.Row) -> ExperimentRecord:
     return ExperimentRecord(
         experiment_id=row.experiment_id,
@@ -223,11 +231,7 @@ class SchedulerStore:
         update = (
             sa.update(experiments)
             .where(experiments.c.experiment_id == experiment_id)
-            .values(
-                checkpoint_uri=checkpoint.uri,
-                checkpoint_sha256=checkpoint.sha256,
-                checkpoint_step=checkpoint.step,
-            )
+            .values(**_checkpoint_columns(checkpoint))
         )
         await self.db.write(lambda conn: conn.execute(update))
 
@@ -252,11 +256,7 @@ class SchedulerStore:
         if unknown:
             raise ValueError(f"not experiment fields: {sorted(unknown)}")
         if checkpoint is not None:
-            fields.update(
-                checkpoint_uri=checkpoint.uri,
-                checkpoint_sha256=checkpoint.sha256,
-                checkpoint_step=checkpoint.step,
-            )
+            fields.update(_checkpoint_columns(checkpoint))
         insert = sa.insert(steps).values(
             experiment_id=experiment_id,
             step=metrics.step,
