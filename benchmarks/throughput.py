@@ -658,6 +658,33 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def speedup_sources(cold: Mapping[str, Any], warm: Mapping[str, Any],
+                    concurrent: Mapping[str, Any]) -> dict[str, float | None]:
+    """Where the speedups at one N come from, as factors whose products are the
+    makespan ratios (arm summaries with ``makespan_s`` and ``cpu``).
+
+    An arm's makespan is its CPU over the cores it kept busy, so
+    ``vs_single_tenant_warm = cores_busy_gain x cpu_per_work_gain``:
+    ``cores_busy_gain`` is what running at once gains by keeping more cores busy
+    (the single-tenant arms leave cores idle while an experiment's rollout and
+    training alternate), ``cpu_per_work_gain`` what it gains by doing the same
+    work with less CPU (bigger engine batches, fused passes; below 1 when
+    sharing a node costs CPU). ``vs_single_tenant_cold = vs_single_tenant_warm x
+    cold_over_warm``, the part owed to the cold starts the baseline pays.
+    """
+    def busy(arm: Mapping[str, Any]) -> float | None:
+        return (arm.get("cpu") or {}).get("cores_busy")
+
+    def cpu(arm: Mapping[str, Any]) -> float | None:
+        return (arm.get("cpu") or {}).get("total_s")
+
+    return {
+        "cores_busy_gain": _ratio(busy(concurrent), busy(warm)),
+        "cpu_per_work_gain": _ratio(cpu(warm), cpu(concurrent)),
+        "cold_over_warm": _ratio(cold.get("makespan_s"), warm.get("makespan_s")),
+    }
+
+
 def quality_gap(cold: list[Outcome], other: list[Outcome]) -> float | None:
     """Largest |final accuracy| difference of the same experiment in two arms."""
     by_index = {o.index: o for o in cold}
@@ -791,6 +818,7 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
                 ),
                 "quality_gap_max": quality_gap(
                     cold[:n], [o for outcomes in concurrent[n] for o in outcomes]),
+                "sources": speedup_sources(*(arms[arm][str(n)] for arm in ARMS)),
             }
         )
         for n in config.n
@@ -998,6 +1026,15 @@ def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path
         f"{_fmt(result['quality_gap_max'], '.3f')} (warm vs cold, same experiments: "
         f"{_fmt(result['quality_gap_max_warm_vs_cold'], '.3f')})"
     )
+    sources = result["speedups"][str(result["n_max"])].get("sources") or {}
+    if all(sources.get(key) is not None for key in
+           ("cores_busy_gain", "cpu_per_work_gain", "cold_over_warm")):
+        console.print(
+            f"where it comes from: {_fmt(sources['cores_busy_gain'], '.2f')}x the cores kept "
+            f"busy x {_fmt(sources['cpu_per_work_gain'], '.2f')}x less CPU for the same work "
+            f"= the {_fmt(result['speedup_vs_single_tenant_warm'], '.2f')}x vs warm; cold starts "
+            f"make the cold baseline {_fmt(sources['cold_over_warm'], '.2f')}x the warm one"
+        )
     concurrent = result["arms"]["lorafleet"][str(result["n_max"])]
     if concurrent.get("first_finish_s") is not None:
         console.print(

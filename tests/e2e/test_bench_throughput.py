@@ -163,6 +163,19 @@ def test_lorafleet_makespan_is_the_mean_of_its_rounds(quick_run: dict) -> None:
             warm / summary["makespan_s"], rel=1e-3)
 
 
+def test_speedup_sources_multiply_back_to_the_speedups(quick_run: dict) -> None:
+    result = quick_run["json"]
+    for n, speedups in result["speedups"].items():
+        sources = speedups["sources"]
+        assert all(_positive(value) for value in sources.values()), (n, sources)
+        # (The JSON rounds every number to 4 decimals.)
+        vs_warm = sources["cores_busy_gain"] * sources["cpu_per_work_gain"]
+        assert vs_warm == pytest.approx(speedups["vs_single_tenant_warm"], rel=2e-3), n
+        assert vs_warm * sources["cold_over_warm"] == pytest.approx(
+            speedups["vs_single_tenant_cold"], rel=2e-3), n
+    assert "where it comes from:" in quick_run["stdout"]
+
+
 def test_cpu_accounting_covers_every_service(quick_run: dict) -> None:
     result = quick_run["json"]
     cpus = result["machine"]["cpus"]
