@@ -1031,7 +1031,7 @@ def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path
            ("cores_busy_gain", "cpu_per_work_gain", "cold_over_warm")):
         console.print(
             f"where it comes from: {_fmt(sources['cores_busy_gain'], '.2f')}x the cores kept "
-            f"busy x {_fmt(sources['cpu_per_work_gain'], '.2f')}x less CPU for the same work "
+            f"busy x {_fmt(sources['cpu_per_work_gain'], '.2f')}x the work per CPU second "
             f"= the {_fmt(result['speedup_vs_single_tenant_warm'], '.2f')}x vs warm; cold starts "
             f"make the cold baseline {_fmt(sources['cold_over_warm'], '.2f')}x the warm one"
         )
