@@ -1027,8 +1027,7 @@ def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path
         f"{_fmt(result['quality_gap_max_warm_vs_cold'], '.3f')})"
     )
     sources = result["speedups"][str(result["n_max"])].get("sources") or {}
-    if all(sources.get(key) is not None for key in
-           ("cores_busy_gain", "cpu_per_work_gain", "cold_over_warm")):
+    if sources and None not in sources.values():
         console.print(
             f"where it comes from: {_fmt(sources['cores_busy_gain'], '.2f')}x the cores kept "
             f"busy x {_fmt(sources['cpu_per_work_gain'], '.2f')}x the work per CPU second "
