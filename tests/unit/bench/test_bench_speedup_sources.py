@@ -53,3 +53,22 @@ def test_missing_cpu_readings_give_no_factor_rather_than_a_wrong_one(
     assert sources["cores_busy_gain"] is None
     assert sources["cpu_per_work_gain"] is None
     assert sources["cold_over_warm"] == pytest.approx(1.5)
+
+
+def test_the_ceiling_fills_every_core_at_the_cpu_of_one_after_another(
+        bench: ModuleType) -> None:
+    # Warm: 413 CPU-s in 371.2 s = 1.11 cores busy; on 2 cores filling them is worth
+    # at most 2 / 1.11, and the cold starts multiply that.
+    cold, warm = _arm(bench, 549.9, 607.0), _arm(bench, 371.2, 413.0)
+    ceiling = bench.ceiling_at_equal_cpu(cold, warm, cores=2)
+
+    assert ceiling["vs_single_tenant_warm"] == pytest.approx(2 / (413.0 / 371.2))
+    assert ceiling["vs_single_tenant_cold"] == pytest.approx(
+        ceiling["vs_single_tenant_warm"] * 549.9 / 371.2)
+    # A run that kept both cores busy and used the warm arm's CPU sits exactly on it.
+    on_it = _arm(bench, 413.0 / 2, 413.0)
+    sources = bench.speedup_sources(cold, warm, on_it)
+    assert sources["cores_busy_gain"] * sources["cold_over_warm"] == pytest.approx(
+        ceiling["vs_single_tenant_cold"])
+    assert bench.ceiling_at_equal_cpu(cold, {"makespan_s": 371.2}, cores=2) == {
+        "vs_single_tenant_warm": None, "vs_single_tenant_cold": None}
