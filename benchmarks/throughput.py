@@ -1108,7 +1108,14 @@ def plot_result(result: dict[str, Any], path: Path) -> Path | None:
     left.set_title("makespan")
     for key, label in (("vs_single_tenant_cold", "vs single-tenant cold"),
                        ("vs_single_tenant_warm", "vs single-tenant warm")):
-        right.plot(ns, [result["speedups"][str(n)][key] for n in ns], marker="o", label=label)
+        line, = right.plot(ns, [result["speedups"][str(n)][key] for n in ns], marker="o",
+                           label=label)
+        # What filling every core would give at the warm arm's CPU per work (gaps
+        # where an arm had no CPU reading).
+        ceiling = [(result["speedups"][str(n)].get("ceiling_at_equal_cpu") or {}).get(key)
+                   for n in ns]
+        right.plot(ns, [math.nan if c is None else c for c in ceiling], linestyle=":",
+                   color=line.get_color(), label=f"{label}: every core busy, same CPU")
     right.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     right.set_xlabel("experiments N")
     right.set_ylabel("makespan ratio (x)")
