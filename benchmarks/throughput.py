@@ -1024,6 +1024,13 @@ def accuracy_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def _every_value(readings: Mapping[str, Any], key: str) -> dict[str, float] | None:
+    """``readings[key]`` when it is there with every value measured, else None
+    (the report leaves a line out rather than print a partial one)."""
+    values = readings.get(key) or {}
+    return values if values and None not in values.values() else None
+
+
 def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path | None) -> None:
     console.print(results_table(result))
     console.print(time_split_table(result))
@@ -1050,16 +1057,16 @@ def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path
         f"{_fmt(result['quality_gap_max'], '.3f')} (warm vs cold, same experiments: "
         f"{_fmt(result['quality_gap_max_warm_vs_cold'], '.3f')})"
     )
-    sources = result["speedups"][str(result["n_max"])].get("sources") or {}
-    if sources and None not in sources.values():
+    top = result["speedups"][str(result["n_max"])]
+    sources, ceiling = _every_value(top, "sources"), _every_value(top, "ceiling_at_equal_cpu")
+    if sources:
         console.print(
             f"where it comes from: {_fmt(sources['cores_busy_gain'], '.2f')}x the cores kept "
             f"busy x {_fmt(sources['cpu_per_work_gain'], '.2f')}x the work per CPU second "
             f"= the {_fmt(result['speedup_vs_single_tenant_warm'], '.2f')}x vs warm; cold starts "
             f"make the cold baseline {_fmt(sources['cold_over_warm'], '.2f')}x the warm one"
         )
-    ceiling = result["speedups"][str(result["n_max"])].get("ceiling_at_equal_cpu") or {}
-    if ceiling and None not in ceiling.values():
+    if ceiling:
         console.print(
             f"ceiling here: with all {result['machine']['usable_cores']} cores busy and the "
             f"work in the CPU it takes one after another, "
