@@ -673,17 +673,21 @@ def speedup_sources(cold: Mapping[str, Any], warm: Mapping[str, Any],
     sharing a node costs CPU). ``vs_single_tenant_cold = vs_single_tenant_warm x
     cold_over_warm``, the part owed to the cold starts the baseline pays.
     """
-    def busy(arm: Mapping[str, Any]) -> float | None:
-        return (arm.get("cpu") or {}).get("cores_busy")
-
-    def cpu(arm: Mapping[str, Any]) -> float | None:
-        return (arm.get("cpu") or {}).get("total_s")
-
     return {
-        "cores_busy_gain": _ratio(busy(concurrent), busy(warm)),
-        "cpu_per_work_gain": _ratio(cpu(warm), cpu(concurrent)),
-        "cold_over_warm": _ratio(cold.get("makespan_s"), warm.get("makespan_s")),
+        "cores_busy_gain": _ratio(_cpu_reading(concurrent, "cores_busy"),
+                                  _cpu_reading(warm, "cores_busy")),
+        "cpu_per_work_gain": _ratio(_cpu_reading(warm, "total_s"),
+                                    _cpu_reading(concurrent, "total_s")),
+        "cold_over_warm": _cold_over_warm(cold, warm),
     }
+
+
+def _cpu_reading(arm: Mapping[str, Any], key: str) -> float | None:
+    return (arm.get("cpu") or {}).get(key)
+
+
+def _cold_over_warm(cold: Mapping[str, Any], warm: Mapping[str, Any]) -> float | None:
+    return _ratio(cold.get("makespan_s"), warm.get("makespan_s"))
 
 
 def ceiling_at_equal_cpu(cold: Mapping[str, Any], warm: Mapping[str, Any],
@@ -692,9 +696,8 @@ def ceiling_at_equal_cpu(cold: Mapping[str, Any], warm: Mapping[str, Any],
     in the CPU it takes one after another (``cpu_per_work_gain`` = 1): the most
     that filling idle cores can give on this machine. A measured speedup above it
     can only come from doing the work in less CPU at once."""
-    warm_busy = (warm.get("cpu") or {}).get("cores_busy")
-    vs_warm = _ratio(float(cores), warm_busy)
-    cold_over_warm = _ratio(cold.get("makespan_s"), warm.get("makespan_s"))
+    vs_warm = _ratio(float(cores), _cpu_reading(warm, "cores_busy"))
+    cold_over_warm = _cold_over_warm(cold, warm)
     return {
         "vs_single_tenant_warm": vs_warm,
         "vs_single_tenant_cold": (vs_warm * cold_over_warm
