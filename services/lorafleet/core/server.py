@@ -172,6 +172,12 @@ async def serve(
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+            if stop_requested.is_set():
+                # Removing the loop's handler restores the default action, which
+                # for SIGTERM kills the process; the process is not gone yet
+                # (asyncio.run still joins executor threads), and a repeated
+                # signal there must stay as harmless as during the drain.
+                signal.signal(signum, _log_repeated_signal)
         if not stopped:
             # Cancelled or failed before a graceful stop: do not leave the port
             # bound and handlers running behind the caller's back.
@@ -180,6 +186,10 @@ async def serve(
             metrics.close()
     log.info("server_stopped", port=port)
     return 0
+
+
+def _log_repeated_signal(signum: int, _frame: object) -> None:
+    log.warning("shutdown_already_in_progress", signal=signal.Signals(signum).name)
 
 
 def run_service(main: Coroutine[Any, Any, int | None]) -> NoReturn:

@@ -7,6 +7,8 @@ Run as a script (PYTHONPATH=services). Settings come from the environment
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 
 import grpc
 import structlog
@@ -19,6 +21,9 @@ from lorafleet.core.server import ServiceBinding, run_service, serve
 
 SERVICE = "lorafleet.testing.v1.SlowEchoService"
 SLOW_CALL_S = 2.0
+# Seconds a thread of the default executor keeps running after serve() returns,
+# as a service's worker threads can while asyncio.run joins them.
+LINGER_S = float(os.environ.get("SLOW_ECHO_LINGER_S", "0"))
 
 log = structlog.get_logger("slow_echo_server")
 
@@ -49,6 +54,9 @@ def register(server: grpc.aio.Server) -> None:
 
 async def on_shutdown() -> None:
     log.info("resources_closed")
+    if LINGER_S > 0:
+        # Not awaited: asyncio.run waits for it after serve() has returned.
+        asyncio.get_running_loop().run_in_executor(None, time.sleep, LINGER_S)
 
 
 def main() -> None:

@@ -63,9 +63,10 @@ class ServerProcess:
         return [e.get("event") for e in self.events].index(name)
 
 
-async def launch(**settings: str) -> ServerProcess:
+async def launch(extra_env: dict[str, str] | None = None, **settings: str) -> ServerProcess:
     env = {
         **os.environ,
+        **(extra_env or {}),
         "PYTHONPATH": str(SERVICES_DIR),
         "LORAFLEET_SLOWECHO_GRACE_PERIOD_S": str(GRACE_S),
         "LORAFLEET_SLOWECHO_LOG_FORMAT": "json",
@@ -168,6 +169,26 @@ async def test_sigterm_drains_in_flight_calls_then_exits_zero(server_process):
     ]
     assert order == sorted(order), server_process.raw
     assert not [e for e in server_process.events if e.get("level") in ("error", "critical")]
+
+
+async def test_a_second_sigterm_while_the_process_winds_down_is_only_logged():
+    # A supervisor (docker stop, k8s, a test's teardown) may signal again while
+    # worker threads finish after serve() has returned; that must not turn a
+    # clean stop into death by signal (exit -15).
+    linger_s = 2.0
+    server = await launch(extra_env={"SLOW_ECHO_LINGER_S": str(linger_s)})
+    try:
+        await server.wait_for("server_started", timeout_s=20)
+        server.proc.send_signal(signal.SIGTERM)
+        await server.wait_for("server_stopped")
+        server.proc.send_signal(signal.SIGTERM)
+        returncode = await asyncio.wait_for(server.proc.wait(), GRACE_S + linger_s)
+        await server._reader
+    finally:
+        await stop(server)
+    assert returncode == 0, server.raw
+    repeated = [e for e in server.events if e.get("event") == "shutdown_already_in_progress"]
+    assert [e["signal"] for e in repeated] == ["SIGTERM"], server.raw
 
 
 async def test_port_clash_fails_loudly_with_exit_code_1(server_process):
