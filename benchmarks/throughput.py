@@ -77,8 +77,6 @@ from lorafleet.client.scheduler import SchedulerClient, builtin_spec  # noqa: E4
 from lorafleet.cluster.local import (  # noqa: E402
     ClusterError,
     LocalCluster,
-    RunningService,
-    ServiceSpec,
 )
 from lorafleet.cluster.progress import (  # noqa: E402
     RunResult,
@@ -379,24 +377,11 @@ def outcome_of(arm: str, plan: Planned, result: RunResult, started_at: float,
 # ----------------------------------------------------------------------------- stacks
 
 
-class BenchStack(LocalCluster):
-    """The local mesh of `lorafleet up`, with the benchmark's model and settings
-    added to each service's environment (the topology's own wiring wins)."""
-
-    def __init__(self, run_dir: Path, extra_env: Mapping[str, Mapping[str, str]]) -> None:
-        super().__init__(run_dir)
-        self.extra_env = extra_env
-
-    def start(self, spec: ServiceSpec) -> RunningService:
-        extra = self.extra_env.get(spec.service, {})
-        return super().start(dataclasses.replace(spec, env={**extra, **spec.env}))
-
-
 def start_stack(run_dir: Path, config: BenchConfig, console: Console, label: str
-                ) -> tuple[BenchStack, float]:
+                ) -> tuple[LocalCluster, float]:
     """A fresh stack and how long it took to serve (registry, node, scheduler)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    stack = BenchStack(run_dir.resolve(), service_env(config))
+    stack = LocalCluster(run_dir.resolve(), service_env=service_env(config))
     started = time.monotonic()
     with console.status(f"{label}: starting registry, trainer, rollout, scheduler ..."):
         try:
@@ -413,7 +398,7 @@ def start_stack(run_dir: Path, config: BenchConfig, console: Console, label: str
     return stack, time.monotonic() - started
 
 
-def stop_stack(stack: BenchStack, console: Console) -> float:
+def stop_stack(stack: LocalCluster, console: Console) -> float:
     started = time.monotonic()
     with console.status("stopping the stack ..."):
         codes = stack.stop_all()
@@ -430,7 +415,7 @@ def stop_stack(stack: BenchStack, console: Console) -> float:
 # from sharing work (bigger batches, fused passes).
 
 
-def stack_cpu_s(stack: BenchStack) -> dict[str, float]:
+def stack_cpu_s(stack: LocalCluster) -> dict[str, float]:
     """CPU seconds (user + system) each service's process tree has used since it
     started: the service and its live children (vLLM's engine core and worker)."""
     import psutil
@@ -506,7 +491,7 @@ def run_alone(client: SchedulerClient, plan: Planned, experiment_id: str, consol
     return result
 
 
-def run_at_once(client: SchedulerClient, stack: BenchStack, plans: Sequence[Planned],
+def run_at_once(client: SchedulerClient, stack: LocalCluster, plans: Sequence[Planned],
                 progress: Console, round_index: int = 0
                 ) -> tuple[list[Outcome], tuple[dict[str, float], dict[str, float]]]:
     """Submit the experiments all at once to the hot stack and follow them to the

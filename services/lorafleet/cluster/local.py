@@ -118,10 +118,19 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 class LocalCluster:
     """Starts, watches and stops a set of service processes."""
 
-    def __init__(self, run_dir: Path, *, python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        python: str = sys.executable,
+        service_env: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.log_dir = self.run_dir / "logs"
         self.python = python
+        # Settings for every process of a service kind ("trainer": {...}), under
+        # each spec's own env: a topology's wiring (addresses, node ids) wins.
+        self.service_env = {kind: dict(env) for kind, env in (service_env or {}).items()}
         self.services: dict[str, RunningService] = {}
         # Names in start order, one list per start() or start_together() call;
         # stop_all() goes through them backwards, one list at a time.
@@ -157,6 +166,7 @@ class LocalCluster:
             **os.environ,
             f"{prefix}LOG_FORMAT": "json",
             f"{prefix}PORT": "0",
+            **self.service_env.get(spec.service, {}),
             **spec.env,
         }
         with log_path.open("wb") as log_file:
