@@ -84,9 +84,16 @@ from lorafleet.cluster.progress import (  # noqa: E402
     state_name,
 )
 from lorafleet.cluster.topology import start_local_mesh  # noqa: E402
+from lorafleet.core.config import did_you_mean  # noqa: E402
 from lorafleet.environment.structs import dict_to_struct  # noqa: E402
+from lorafleet.registry.config import RegistrySettings  # noqa: E402
 from lorafleet.rollout.allocator import find_tcmalloc  # noqa: E402
-from lorafleet.trainer.config import usable_cores  # noqa: E402
+from lorafleet.rollout.config import RolloutSettings  # noqa: E402
+from lorafleet.scheduler.config import SchedulerSettings  # noqa: E402
+from lorafleet.trainer.config import (
+    TrainerSettings,  # noqa: E402
+    usable_cores,  # noqa: E402
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.toml"
@@ -104,6 +111,12 @@ _ID_UNSAFE = re.compile(r"[^a-z0-9-]+")
 
 SettingValue = str | int | float | bool | list[Any] | dict[str, Any]
 ServiceName = Literal["registry", "trainer", "rollout", "scheduler"]
+SETTINGS_CLASSES = {
+    "registry": RegistrySettings,
+    "trainer": TrainerSettings,
+    "rollout": RolloutSettings,
+    "scheduler": SchedulerSettings,
+}
 
 
 class ModelConfig(BaseModel):
@@ -181,6 +194,26 @@ class BenchConfig(BaseModel):
         description="Extra settings per service, passed as LORAFLEET_<SERVICE>_<KEY>; "
         "the mesh wiring (addresses, node id, cache directory, slots) always wins.",
     )
+
+    @field_validator("services")
+    @classmethod
+    def _known_settings(
+        cls, value: dict[str, dict[str, SettingValue]]
+    ) -> dict[str, dict[str, SettingValue]]:
+        # The service refuses a misspelt key too, but only once a stack starts
+        # (after the warm-up stack's minute); here the run stops before anything.
+        problems = []
+        for service, settings in value.items():
+            settings_class = SETTINGS_CLASSES[service]
+            known = {name.lower() for name in settings_class.model_fields}
+            problems += [
+                f"services.{service}: no setting {key!r}{did_you_mean(key, settings_class)}"
+                for key in settings
+                if key.lower() not in known
+            ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     @field_validator("n")
     @classmethod

@@ -166,7 +166,7 @@ def load_settings(cls: type[S], config_file: Path | None = None, **overrides: An
         raise ConfigError(
             f"invalid {cls.__name__}: "
             + "; ".join(
-                f"unknown setting {name!r} in environment variable {key}{_did_you_mean(name, cls)}"
+                f"unknown setting {name!r} in environment variable {key}{did_you_mean(name, cls)}"
                 for key, name in unknown.items()
             )
             + f" (known: {', '.join(sorted(cls.model_fields))})",
@@ -201,7 +201,7 @@ def unknown_env_settings(cls: type[ServiceSettings]) -> dict[str, str]:
     return {key: name for key, name in spelt.items() if name not in known}
 
 
-def _did_you_mean(name: str, cls: type[ServiceSettings]) -> str:
+def did_you_mean(name: str, cls: type[ServiceSettings]) -> str:
     close = difflib.get_close_matches(name, list(cls.model_fields), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -218,7 +218,7 @@ def _describe(
         if error["type"] == "extra_forbidden":
             where = "overrides" if key in overrides else f"config file {config_file}"
             problems.append(
-                f"unknown setting {key!r} in {where}{_did_you_mean(key, cls)}"
+                f"unknown setting {key!r} in {where}{did_you_mean(key, cls)}"
                 f" (known: {', '.join(sorted(cls.model_fields))})"
             )
         else:
