@@ -28,6 +28,8 @@ class NodeHandle:
     rollout_gate: FairShareGate
     train_gate: FairShareGate
     experiments: set[str] = field(default_factory=set)
+    probed_at: float = 0.0
+    """When the supervisor last probed the node's health (time.time())."""
 
     @classmethod
     def connect(cls, record: NodeRecord, *, budget_tokens: int) -> NodeHandle:

@@ -75,6 +75,9 @@ class Scheduler:
         self._unreachable_since: dict[str, float] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Often enough that a healthy static node never looks silent for
+        # node_timeout_s, however the two settings are set.
+        self._probe_interval_s = min(settings.heartbeat_interval_s, settings.node_timeout_s / 4)
         self._runner_settings = RunnerSettings(
             rollout_timeout_s=settings.rollout_timeout_s,
             train_timeout_s=settings.train_timeout_s,
@@ -353,8 +356,17 @@ class Scheduler:
         for handle in list(self.nodes.values()):
             record = handle.record
             # Static nodes have no heartbeat sender (and a lost node may come
-            # back): a health probe stands in for the heartbeat.
-            probe = record.static or record.state == pb.NODE_STATE_LOST
+            # back): a health probe stands in for the heartbeat, at the heartbeat's
+            # pace rather than at every tick (two Check calls each, which at four
+            # a second took a busy node's CPU for nothing), and once more before
+            # a ready node is declared lost.
+            silent = now - record.last_heartbeat > self.settings.node_timeout_s
+            probe = (record.static or record.state == pb.NODE_STATE_LOST) and (
+                now - handle.probed_at >= self._probe_interval_s
+                or (record.state == pb.NODE_STATE_READY and silent)
+            )
+            if probe:
+                handle.probed_at = now
             if probe and await handle.alive():
                 record.last_heartbeat = now
                 if record.state == pb.NODE_STATE_LOST:
