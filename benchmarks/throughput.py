@@ -90,10 +90,7 @@ from lorafleet.registry.config import RegistrySettings  # noqa: E402
 from lorafleet.rollout.allocator import find_tcmalloc  # noqa: E402
 from lorafleet.rollout.config import RolloutSettings  # noqa: E402
 from lorafleet.scheduler.config import SchedulerSettings  # noqa: E402
-from lorafleet.trainer.config import (
-    TrainerSettings,  # noqa: E402
-    usable_cores,  # noqa: E402
-)
+from lorafleet.trainer.config import TrainerSettings, usable_cores  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.toml"
