@@ -98,5 +98,5 @@ def test_service_settings_reach_processes_started_alone_and_together(
     # The topology's own wiring wins over the kind's settings.
     assert trainer["LORAFLEET_TRAINER_NODE_ID"] == "node-0"
     # One kind's settings stay with that kind (what the test itself runs with aside).
-    added = {k for k in {**rollout, **scheduler}} - set(os.environ)
+    added = (set(rollout) | set(scheduler)) - set(os.environ)
     assert not [k for k in added if k.startswith(("LORAFLEET_TRAINER_", "LORAFLEET_REGISTRY_"))]
