@@ -1121,7 +1121,7 @@ def plot_result(result: dict[str, Any], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     ns = result["config"]["n"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8))
     for arm, marker in zip(ARMS, "sox", strict=True):
         ys = [result["arms"][arm][str(n)]["makespan_s"] for n in ns]
         line, = left.plot(ns, ys, marker=marker, label=ARM_LABELS[arm])
@@ -1140,15 +1140,19 @@ def plot_result(result: dict[str, Any], path: Path) -> Path | None:
         ceiling = [(result["speedups"][str(n)].get("ceiling_at_equal_cpu") or {}).get(key)
                    for n in ns]
         right.plot(ns, [math.nan if c is None else c for c in ceiling], linestyle=":",
-                   color=line.get_color(), label=f"{label}: every core busy, same CPU")
+                   color=line.get_color(), label="ceiling: all cores busy, same CPU")
     right.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     right.set_xlabel("experiments N")
     right.set_ylabel("makespan ratio (x)")
     right.set_title("lorafleet speedup")
+    # The speedup curves and their ceilings fill the right plot at every N, so
+    # its legend goes below it (inside, "best" covered the ceilings at small N);
+    # rising makespans leave the left plot's upper left empty.
+    left.legend(fontsize=8, loc="upper left")
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
