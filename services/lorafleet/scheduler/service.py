@@ -342,7 +342,11 @@ class Scheduler:
         while True:
             try:
                 await self._check_nodes()
-                await self._place_queued()
+                # Every path that queues an experiment records it in _queued_since
+                # and wakes this loop, so with nothing waiting there is nothing to
+                # read (the store was read four times a second on an idle cluster).
+                if self._queued_since:
+                    await self._place_queued()
             except asyncio.CancelledError:
                 raise
             except Exception:
