@@ -23,7 +23,9 @@ TICK_S = 0.02
 class CountingStore(SchedulerStore):
     """The real SQLite store, counting the supervisor's reads of queued experiments."""
 
-    queued_reads = 0
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.queued_reads = 0
 
     async def list_experiments(self, states, **kwargs):  # type: ignore[no-untyped-def]
         if list(states) == [pb.EXPERIMENT_STATE_QUEUED]:
