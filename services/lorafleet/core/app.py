@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc.aio
 from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1.health import aio as health_aio
 
 from lorafleet.core.config import ServiceSettings
 from lorafleet.core.errors import unimplemented
@@ -33,6 +34,11 @@ class ServiceApp:
     bindings: list[ServiceBinding]
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     """Called in order after the server stopped taking and finishing RPCs."""
+    on_started: Callable[[health_aio.HealthServicer, int], Awaitable[None]] | None = None
+    """Called once the server is started, with its health servicer and bound port."""
+    exit_code: int = 0
+    """What the process exits with after a stop the app itself asked for (the
+    app sets it, then signals the process; 0 for a stop by signal)."""
 
     async def shutdown(self) -> None:
         for close in self.on_shutdown:
@@ -41,7 +47,10 @@ class ServiceApp:
 
 async def serve_app(build_app: Callable[[S], Awaitable[ServiceApp]], settings: S) -> int:
     app = await build_app(settings)
-    return await serve(app.bindings, settings, on_shutdown=app.shutdown)
+    code = await serve(
+        app.bindings, settings, on_shutdown=app.shutdown, on_started=app.on_started
+    )
+    return app.exit_code or code
 
 
 def unimplemented_methods(

@@ -51,6 +51,9 @@ class ServiceBinding:
     """Full proto service name, e.g. ``lorafleet.registry.v1.AdapterRegistryService``."""
     register: Callable[[grpc.aio.Server], None]
     """Usually ``lambda s: add_XServicer_to_server(servicer, s)``."""
+    serving_at_start: bool = True
+    """False: the service reports NOT_SERVING once started until the app sets it
+    SERVING itself (a standby replica; see ``ServiceApp.on_started``)."""
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
@@ -107,10 +110,17 @@ async def create_server(
 async def start_server(
     server: grpc.aio.Server, health: health_aio.HealthServicer, services: Sequence[ServiceBinding]
 ) -> None:
-    """Start ``server`` and only then report every service (and "") SERVING."""
+    """Start ``server`` and only then report "" and every service SERVING (those
+    bound with ``serving_at_start=False`` NOT_SERVING)."""
     await server.start()
-    for name in ("", *(b.name for b in services)):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    for binding in services:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if binding.serving_at_start
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await health.set(binding.name, status)
 
 
 async def serve(
@@ -119,6 +129,7 @@ async def serve(
     *,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     ready: Callable[[int], None] | None = None,
+    on_started: Callable[[health_aio.HealthServicer, int], Awaitable[None]] | None = None,
 ) -> int:
     """Run a server for ``services`` until SIGTERM or SIGINT; return the exit code.
 
@@ -126,8 +137,10 @@ async def serve(
     tests read the port from that line when ``settings.port`` is 0), then calls
     ``ready(port)``. With ``settings.metrics_port`` set, the Prometheus endpoint
     starts before the server and logs ``metrics_started`` with its own bound
-    ``port``. A second signal during shutdown is logged and otherwise
-    ignored: the grace period already bounds how long stopping takes.
+    ``port``. ``on_started(health, port)`` runs once the server is started, for
+    a service whose health follows its own state. A second signal during shutdown
+    is logged and otherwise ignored: the grace period already bounds how long
+    stopping takes.
     """
     loop = asyncio.get_running_loop()
     server, port, health = await create_server(settings.address, services, settings=settings)
@@ -150,6 +163,8 @@ async def serve(
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         await start_server(server, health, services)
+        if on_started is not None:
+            await on_started(health, port)
         log.info(
             "server_started",
             host=settings.host,
