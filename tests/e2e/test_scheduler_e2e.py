@@ -7,7 +7,10 @@ runs last. Budgets and bounds are stated where they are asserted.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import socket
 import time
 from concurrent import futures
 from pathlib import Path
@@ -20,9 +23,10 @@ from lorafleet.api.environment.v1 import environment_pb2_grpc
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
 from lorafleet.client.registry import RegistryClient
 from lorafleet.client.scheduler import SchedulerClient, builtin_spec
-from lorafleet.cluster.local import LocalCluster
-from lorafleet.cluster.topology import start_local_mesh
-from lorafleet.core.errors import FailedPrecondition, InvalidArgument
+from lorafleet.cluster.local import LocalCluster, ServiceSpec, health_status
+from lorafleet.cluster.topology import SCHEDULER_SERVICE, start_local_mesh
+from lorafleet.core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from lorafleet.scheduler.app import EXIT_LEASE_LOST
 from lorafleet.scheduler.types import TERMINAL_STATES
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -312,8 +316,69 @@ def live_group_members(pgid: int) -> list[str]:
     return members
 
 
+def test_standby_takes_over_from_a_frozen_leader_which_then_exits(cluster):
+    """A second replica over the same database stands by; when the leader
+    freezes (SIGSTOP) past its lease, the standby takes over and the experiment
+    finishes with no step lost or repeated; the old leader, woken, finds its
+    lease gone and exits (its writes are fenced in the database meanwhile)."""
+    leader = cluster.services["scheduler"]
+    standby = cluster.start(
+        ServiceSpec(
+            "scheduler-standby",
+            "scheduler",
+            {**leader.spec.env, "LORAFLEET_SCHEDULER_REPLICA_ID": "scheduler-1"},
+        )
+    )
+    cluster.wait_serving("scheduler-standby")  # up, though not leading
+    assert health_status(standby.address, SCHEDULER_SERVICE) == "NOT_SERVING"
+    with SchedulerClient(standby.address) as via_standby, pytest.raises(Unavailable) as refused:
+        via_standby.list()
+    assert refused.value.reason == "NOT_LEADER"
+    # Named with the port it bound (port 0 in the local cluster).
+    assert f"'scheduler-0' at {socket.gethostname()}:{leader.port} " in refused.value.message
+
+    # The module's `scheduler` client may point at an earlier leader's port.
+    with SchedulerClient(leader.address) as scheduler:
+        experiment = scheduler.submit(builtin_spec("copy", max_steps=40), experiment_id="failover")
+        while scheduler.get(experiment.experiment_id).current_step < 4:
+            time.sleep(0.2)
+    os.kill(leader.process.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 60  # lease 15 s + a renewal period + start-up
+        while health_status(standby.address, SCHEDULER_SERVICE) != "SERVING":
+            assert time.monotonic() < deadline, cluster.tail("scheduler-standby")
+            time.sleep(0.2)
+        with SchedulerClient(standby.address) as fresh:
+            resumed_at = fresh.get(experiment.experiment_id).current_step
+            while fresh.get(experiment.experiment_id).current_step < resumed_at + 3:
+                time.sleep(0.2)
+    finally:
+        os.kill(leader.process.pid, signal.SIGCONT)
+    assert leader.process.wait(timeout=60) == EXIT_LEASE_LOST, cluster.tail("scheduler")
+
+    with SchedulerClient(standby.address) as fresh:
+        [finished] = wait_finished(fresh, [experiment.experiment_id], timeout_s=600)
+        assert finished.state == pb.EXPERIMENT_STATE_COMPLETED, finished.state_reason
+        assert steps_of(fresh, experiment.experiment_id) == list(range(1, 41))
+    with RegistryClient(cluster.services["registry"].address) as registry:
+        versions = [v.version for v in registry.list_versions(experiment.experiment_id)]
+    assert versions == list(range(1, 42))
+
+
+def leading_scheduler(cluster) -> str:
+    """The address of the scheduler replica that leads now."""
+    for running in cluster.services.values():
+        if (
+            running.spec.service == "scheduler"
+            and running.process.poll() is None
+            and health_status(running.address, SCHEDULER_SERVICE) == "SERVING"
+        ):
+            return running.address
+    raise AssertionError("no scheduler replica leads")
+
+
 def test_node_killed_mid_run_moves_experiments(cluster):
-    address = cluster.services["scheduler"].address
+    address = leading_scheduler(cluster)
     with SchedulerClient(address) as scheduler:
         # Enough steps that the node dies mid-run on a fast machine too.
         experiment = scheduler.submit(builtin_spec("count", max_steps=40), experiment_id="mover")

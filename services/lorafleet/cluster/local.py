@@ -52,6 +52,9 @@ class ServiceSpec:
     """Which lorafleet service it runs (the `python -m lorafleet.<service>` module)."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Settings as environment variables (LORAFLEET_<SERVICE>_<FIELD>)."""
+    ready_when: str = ""
+    """The health entry whose SERVING means ready ("" = the process's; a
+    scheduler replica is ready once its SchedulerService entry says it leads)."""
 
 
 @dataclass
@@ -199,7 +202,10 @@ class LocalCluster:
                 )
             if running.port is None:
                 running.port = read_bound_port(running.log_path)
-            if running.port is not None and health_status(running.address) == "SERVING":
+            if (
+                running.port is not None
+                and health_status(running.address, running.spec.ready_when) == "SERVING"
+            ):
                 log.info("service_serving", service=name, address=running.address)
                 return running.address
             time.sleep(0.1)

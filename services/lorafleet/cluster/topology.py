@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+from lorafleet.api.scheduler.v1 import scheduler_pb2
 from lorafleet.cluster.local import LocalCluster, ServiceSpec
+
+SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 
 # Start order matters: everyone resolves adapters through the registry, and the
 # scheduler is told about nodes that already serve.
@@ -70,7 +73,11 @@ def start_local_mesh(
             {
                 "LORAFLEET_SCHEDULER_REGISTRY_ADDRESS": shared["REGISTRY_ADDRESS"],
                 "LORAFLEET_SCHEDULER_NODES": json.dumps(nodes_config),
+                # One replica under a fixed name: restarted, it takes its lease
+                # back at once instead of waiting out its predecessor's.
+                "LORAFLEET_SCHEDULER_REPLICA_ID": "scheduler-0",
             },
+            ready_when=SCHEDULER_SERVICE,
         )
     )
     cluster.write_manifest()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import os
+import socket
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from lorafleet.core.config import ServiceSettings
@@ -68,3 +71,48 @@ class SchedulerSettings(ServiceSettings):
         description="How long request_id answers are kept for replay (swept at start and "
         "then every quarter of this, at most hourly).",
     )
+    replica_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        min_length=1,
+        max_length=255,
+        description="This replica's name in the leader lease; unique per replica. Replicas "
+        "share the database: one leads (drives experiments, answers RPCs), the others stand "
+        "by with health NOT_SERVING. A replica restarted under the same name takes the lease "
+        "back at once; under a new name it waits lease_duration_s. Default: hostname-pid.",
+    )
+    advertise_address: str = Field(
+        default="",
+        description="host:port at which clients reach this replica; a standby's NOT_LEADER "
+        "answer names the leader's (default: hostname:port).",
+    )
+    lease_duration_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A standby takes over after seeing the leader's lease unchanged this long.",
+    )
+    lease_renew_deadline_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A leader that has not renewed its lease for this long stops and exits "
+        "(must be below lease_duration_s).",
+    )
+    lease_retry_period_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often the leader renews and standbys check the lease "
+        "(must be below lease_renew_deadline_s).",
+    )
+
+    @model_validator(mode="after")
+    def _lease_timings_in_order(self) -> SchedulerSettings:
+        if not (self.lease_retry_period_s < self.lease_renew_deadline_s < self.lease_duration_s):
+            raise ValueError(
+                "lease timings must satisfy lease_retry_period_s < lease_renew_deadline_s"
+                f" < lease_duration_s (got {self.lease_retry_period_s:g},"
+                f" {self.lease_renew_deadline_s:g}, {self.lease_duration_s:g})"
+            )
+        return self
+
+    def advertised(self, bound_port: int | None = None) -> str:
+        """advertise_address, else this host with the port bound (or configured)."""
+        return self.advertise_address or f"{socket.gethostname()}:{bound_port or self.port}"

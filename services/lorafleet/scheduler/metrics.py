@@ -100,6 +100,11 @@ PLACEMENT_WAIT_SECONDS = Histogram(
     "Time an experiment waited in QUEUED for a node slot before (re)starting.",
     buckets=_WAIT_BUCKETS,
 )
+LEADER = Gauge(
+    "lorafleet_scheduler_leader",
+    "1 while this replica leads (holds the leader lease and drives the experiments), "
+    "0 while it stands by.",
+)
 FINISHED = Counter(
     "lorafleet_scheduler_experiments_finished_total",
     "Experiments that reached a final state (COMPLETED, FAILED, CANCELLED).",

@@ -87,7 +87,17 @@ class Scheduler:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Create the tables and lead: a scheduler that is the only replica."""
+        await self.prepare()
+        await self.lead()
+
+    async def prepare(self) -> None:
+        """What every replica does first, leader or standby."""
         await self.store.create_tables()
+
+    async def lead(self) -> None:
+        """Take over the cluster as the replica that drives it: the nodes, and
+        every experiment the database says was running or queued."""
         now = time.time()
         for static in self.settings.nodes:
             await self.store.upsert_node(

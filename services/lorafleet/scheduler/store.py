@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from lorafleet.api.common.v1 import metrics_pb2
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
-from lorafleet.core.database import Database
+from lorafleet.core.database import Database, Transaction
 from lorafleet.core.errors import AlreadyExists, NotFound
+from lorafleet.core.lease import lease_table
 from lorafleet.core.sql import idempotency_table
 from lorafleet.scheduler.types import Checkpoint, ExperimentRecord, NodeRecord
+
+T = TypeVar("T")
 
 metadata = sa.MetaData()
 
@@ -93,6 +97,9 @@ pushed_data = sa.Table(
 # (`lorafleet.core.sql`; the name predates the scheduler_ prefix of the others).
 idempotency = idempotency_table("idempotency_keys", metadata)
 
+# Which scheduler replica leads (`lorafleet.core.lease`): one row, "scheduler".
+leases = lease_table("scheduler_leases", metadata)
+
 _EXPERIMENT_FIELDS = {
     "state",
     "state_reason",
@@ -160,8 +167,22 @@ class SchedulerStore:
     """Experiments, steps, events, nodes and pushed data; each method is one
     transaction (`lorafleet.core.database.Database`)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, fence: Transaction[None] | None = None) -> None:
         self.db = db
+        self.fence = fence
+        """Runs first in every write transaction and fails it unless this replica
+        still holds the leader lease (a replica that lost it must not change a row)."""
+
+    async def _write(self, transaction: Transaction[T]) -> T:
+        fence = self.fence
+        if fence is None:
+            return await self.db.write(transaction)
+
+        def fenced(conn: sa.Connection) -> T:
+            fence(conn)
+            return transaction(conn)
+
+        return await self.db.write(fenced)
 
     async def create_tables(self) -> None:
         await self.db.create_all(metadata)
@@ -188,7 +209,7 @@ class SchedulerStore:
             queue_wait_ms=0.0,
         )
         try:
-            await self.db.write(lambda conn: conn.execute(insert))
+            await self._write(lambda conn: conn.execute(insert))
         except IntegrityError as exc:
             raise AlreadyExists(
                 f"experiment {record.experiment_id!r} already exists",
@@ -225,7 +246,7 @@ class SchedulerStore:
             .where(experiments.c.experiment_id == experiment_id)
             .values(**fields)
         )
-        await self.db.write(lambda conn: conn.execute(update))
+        await self._write(lambda conn: conn.execute(update))
 
     async def save_checkpoint(self, experiment_id: str, checkpoint: Checkpoint) -> None:
         update = (
@@ -233,7 +254,7 @@ class SchedulerStore:
             .where(experiments.c.experiment_id == experiment_id)
             .values(**_checkpoint_columns(checkpoint))
         )
-        await self.db.write(lambda conn: conn.execute(update))
+        await self._write(lambda conn: conn.execute(update))
 
     # steps -------------------------------------------------------------------
 
@@ -274,7 +295,7 @@ class SchedulerStore:
             conn.execute(advance)
 
         try:
-            await self.db.write(complete)
+            await self._write(complete)
         except IntegrityError:
             return False
         return True
@@ -296,7 +317,7 @@ class SchedulerStore:
         insert = sa.insert(events).values(
             experiment_id=experiment_id, event=event.SerializeToString()
         )
-        await self.db.write(lambda conn: conn.execute(insert))
+        await self._write(lambda conn: conn.execute(insert))
 
     async def list_events(self, experiment_id: str) -> list[pb.LifecycleEvent]:
         query = (
@@ -328,7 +349,7 @@ class SchedulerStore:
             if not updated.rowcount:
                 conn.execute(sa.insert(nodes).values(node_id=node.node_id, **values))
 
-        await self.db.write(upsert)
+        await self._write(upsert)
 
     async def list_nodes(self) -> list[NodeRecord]:
         query = sa.select(nodes).order_by(nodes.c.node_id)
@@ -337,7 +358,7 @@ class SchedulerStore:
 
     async def update_node(self, node_id: str, **fields: object) -> None:
         update = sa.update(nodes).where(nodes.c.node_id == node_id).values(**fields)
-        await self.db.write(lambda conn: conn.execute(update))
+        await self._write(lambda conn: conn.execute(update))
 
     # pushed data (continual learning) ---------------------------------------------
 
@@ -365,7 +386,7 @@ class SchedulerStore:
                 conn.execute(sa.insert(pushed_data), rows)
             return int(conn.scalar(pending) or 0)
 
-        return await self.db.write(push)
+        return await self._write(push)
 
     async def take_data(self, experiment_id: str, kind: str, limit: int) -> list[dict]:
         """Oldest unconsumed pushed items of `kind`, marked consumed."""
@@ -390,4 +411,4 @@ class SchedulerStore:
                 )
             return rows
 
-        return [json.loads(r.payload) for r in await self.db.write(take)]
+        return [json.loads(r.payload) for r in await self._write(take)]
