@@ -37,9 +37,11 @@ from deploy_checks import (
 )
 
 from lorafleet.cluster.local import service_argv
+from lorafleet.cluster.topology import SCHEDULER_SERVICE
 
 # A stand-in for the Secret the base expects the operator to create.
 PLACEHOLDER_SECRET = "postgresql+asyncpg://lorafleet:secret@db.example:5432/lorafleet"
+POD_IP = "10.1.2.3"  # what the kubelet puts in for status.podIP
 
 
 def render(path: Path) -> list[dict[str, Any]]:
@@ -126,6 +128,8 @@ def resolve_env(
                 else:
                     assert ref["name"] == "lorafleet-database", ref
                     value = PLACEHOLDER_SECRET
+            elif source["fieldRef"]["fieldPath"] == "status.podIP":
+                value = POD_IP
             else:
                 assert source["fieldRef"]["fieldPath"] == "metadata.name", source
                 value = pod_name
@@ -210,7 +214,11 @@ def test_ports_and_probes_follow_the_image_convention(
         assert settings.host == "0.0.0.0" and settings.log_format == "json"
         assert {p["containerPort"] for p in container["ports"]} == {grpc_port, metrics_port}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": grpc_port}, (container["name"], probe)
+            expected = {"port": grpc_port}
+            if service == "scheduler" and probe == "readinessProbe":
+                # Only the replica that leads is ready (gets the Service's calls).
+                expected["service"] = SCHEDULER_SERVICE
+            assert container[probe]["grpc"] == expected, (container["name"], probe)
 
 
 def test_compose_uses_the_same_ports_and_commands() -> None:
@@ -394,10 +402,23 @@ def test_registry_and_scheduler_keep_state_in_postgres(
             )
         }
         assert any(is_within(durable, m) for m in claim_mounts), settings.durable_url
-    # One active scheduler, never two during an update (no leader election).
+
+
+def test_scheduler_replicas_elect_a_leader_under_their_pod_names(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, docs = rendered
     scheduler = find(docs, "Deployment", "lorafleet-scheduler")
-    assert scheduler["spec"]["replicas"] == 1
+    # A standby to take over; Recreate, since readiness is leadership and a
+    # rolling update would wait forever for a new pod to become ready.
+    assert scheduler["spec"]["replicas"] >= 2
     assert scheduler["spec"]["strategy"]["type"] == "Recreate"
+    (container,) = scheduler["spec"]["template"]["spec"]["containers"]
+    _, settings = container_settings(docs, scheduler, container)
+    # Pod names are unique, so lease holder names are.
+    assert settings.replica_id == pod_names(scheduler)[0]
+    assert settings.advertised() == f"{POD_IP}:{settings.port}"
+    assert settings.lease_renew_deadline_s < settings.lease_duration_s
 
 
 def test_cpu_overlay_brings_its_database() -> None:
