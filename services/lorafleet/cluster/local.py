@@ -233,7 +233,7 @@ class LocalCluster:
             elif running.port is None:
                 out[name] = "STARTING"
             else:
-                out[name] = health_status(running.address)
+                out[name] = health_status(running.address, running.spec.ready_when)
         return out
 
     def write_manifest(self) -> Path:

@@ -118,6 +118,10 @@ class LeaderLease:
         self._renewed_at: float | None = None  # start of the last successful renewal
         self._seen: _Seen | None = None
         self._lost = False
+        # Built once: the fence runs in every fenced write transaction.
+        self._fence_query = (
+            sa.select(table.c.token).where(table.c.name == name).with_for_update(read=True)
+        )
 
     # -- state ------------------------------------------------------------------------
 
@@ -134,12 +138,7 @@ class LeaderLease:
         """Fail the caller's write transaction unless this process holds the lease.
 
         Run it first in every transaction that only the leader may commit."""
-        query = (
-            sa.select(self.table.c.token)
-            .where(self.table.c.name == self.name)
-            .with_for_update(read=True)
-        )
-        if conn.execute(query).scalar() != self.token:
+        if conn.execute(self._fence_query).scalar() != self.token:
             raise NotLeader(
                 f"replica {self.holder!r} no longer holds the {self.name!r} lease",
             )
