@@ -291,13 +291,18 @@ def test_scheduler_sigkill_resumes_without_lost_or_repeated_steps(scheduler, clu
     del cluster.services["scheduler"]
     cluster.start(restarted)
     address = cluster.wait_serving("scheduler", timeout_s=120)
+    assert_completed_without_lost_or_repeated_steps(cluster, address, experiment, steps=30)
+
+
+def assert_completed_without_lost_or_repeated_steps(cluster, address, experiment, steps):
+    """Every step once, in order, and one adapter version per step (plus the first)."""
     with SchedulerClient(address) as fresh:
         [finished] = wait_finished(fresh, [experiment.experiment_id], timeout_s=600)
         assert finished.state == pb.EXPERIMENT_STATE_COMPLETED, finished.state_reason
-        assert steps_of(fresh, experiment.experiment_id) == list(range(1, 31))
+        assert steps_of(fresh, experiment.experiment_id) == list(range(1, steps + 1))
     with RegistryClient(cluster.services["registry"].address) as registry:
         versions = [v.version for v in registry.list_versions(experiment.experiment_id)]
-    assert versions == list(range(1, 32))
+    assert versions == list(range(1, steps + 2))
 
 
 def live_group_members(pgid: int) -> list[str]:
@@ -356,13 +361,7 @@ def test_standby_takes_over_from_a_frozen_leader_which_then_exits(cluster):
         os.kill(leader.process.pid, signal.SIGCONT)
     assert leader.process.wait(timeout=60) == EXIT_LEASE_LOST, cluster.tail("scheduler")
 
-    with SchedulerClient(standby.address) as fresh:
-        [finished] = wait_finished(fresh, [experiment.experiment_id], timeout_s=600)
-        assert finished.state == pb.EXPERIMENT_STATE_COMPLETED, finished.state_reason
-        assert steps_of(fresh, experiment.experiment_id) == list(range(1, 41))
-    with RegistryClient(cluster.services["registry"].address) as registry:
-        versions = [v.version for v in registry.list_versions(experiment.experiment_id)]
-    assert versions == list(range(1, 42))
+    assert_completed_without_lost_or_repeated_steps(cluster, standby.address, experiment, steps=40)
 
 
 def leading_scheduler(cluster) -> str:
