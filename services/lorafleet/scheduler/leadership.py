@@ -107,7 +107,11 @@ class Leadership:
             )
         raise NotLeader(
             f"scheduler replica {self.lease.holder!r} is a standby; {where}",
-            metadata={"leader": holder.holder if holder else ""},
+            # For programs that redirect themselves (the message says it for people).
+            metadata={
+                "leader": holder.holder if holder else "",
+                "leader_address": holder.address if holder else "",
+            },
         )
 
     async def stop(self) -> None:

@@ -93,6 +93,10 @@ async def test_the_standby_refuses_every_call_and_changes_nothing(replicas):
             await client.submit(builtin_spec("count", max_steps=5), experiment_id="exp-1")
         assert refused.value.reason == "NOT_LEADER"
         assert "'sched-a' at sched-a.example:50052" in refused.value.message
+        assert refused.value.metadata == {
+            "leader": "sched-a",
+            "leader_address": "sched-a.example:50052",
+        }
         for call in (client.list(), client.get("exp-1"), client.nodes()):
             with pytest.raises(Unavailable, match="standby"):
                 await call
