@@ -23,6 +23,7 @@ from lorafleet.api.environment.v1 import environment_pb2_grpc
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
 from lorafleet.client.registry import RegistryClient
 from lorafleet.client.scheduler import SchedulerClient, builtin_spec
+from lorafleet.client.trainer import TrainerClient
 from lorafleet.cluster.local import LocalCluster, ServiceSpec, health_status
 from lorafleet.cluster.topology import SCHEDULER_SERVICE, start_local_mesh
 from lorafleet.core.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -347,6 +348,9 @@ def test_standby_takes_over_from_a_frozen_leader_which_then_exits(cluster):
         experiment = scheduler.submit(builtin_spec("copy", max_steps=40), experiment_id="failover")
         while scheduler.get(experiment.experiment_id).current_step < 4:
             time.sleep(0.2)
+        trainer = node_trainer(cluster, scheduler.get(experiment.experiment_id).node_id)
+    old_token = adapter_fencing_token(trainer, "failover")
+    assert old_token >= 1  # the leader's calls carry its lease's token
     os.kill(leader.process.pid, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 60  # lease 15 s + a renewal period + start-up
@@ -359,11 +363,26 @@ def test_standby_takes_over_from_a_frozen_leader_which_then_exits(cluster):
             while fresh.get(experiment.experiment_id).current_step < target:
                 assert time.monotonic() < deadline + 60, cluster.tail("scheduler-standby")
                 time.sleep(0.2)
+        # From now on the trainer refuses every call of the old leader that
+        # would change the adapter (STALE_FENCING_TOKEN).
+        assert adapter_fencing_token(trainer, "failover") > old_token
     finally:
         os.kill(leader.process.pid, signal.SIGCONT)
     assert leader.process.wait(timeout=60) == EXIT_LEASE_LOST, cluster.tail("scheduler")
 
     assert_completed_without_lost_or_repeated_steps(cluster, standby.address, experiment, steps=40)
+
+
+def node_trainer(cluster, node_id: str) -> str:
+    """The trainer address of a local-cluster node ("node-1" -> trainer-1)."""
+    return cluster.services[f"trainer-{node_id.rsplit('-', 1)[1]}"].address
+
+
+def adapter_fencing_token(trainer_address: str, adapter_id: str) -> int:
+    with TrainerClient(trainer_address) as trainer:
+        info = trainer.adapter_info(adapter_id)
+    assert info is not None, adapter_id
+    return info.fencing_token
 
 
 def leading_scheduler(cluster) -> str:

@@ -19,6 +19,13 @@ Responses are the proto messages (``protos/lorafleet/trainer/v1/trainer.proto``)
 State-changing calls take an optional ``request_id`` (a fresh UUID when omitted);
 pass the same one again to retry safely: the trainer replays its first answer
 and never trains twice.
+
+A controller that runs as replicas, one leading at a time, sets
+``fencing_token`` (``TrainerClient(address, fencing_token=lease_token)``; on
+``AsyncTrainerClient`` also an attribute): every state-changing call carries
+it, and the trainer
+refuses, ``STALE_FENCING_TOKEN``, calls with a lower token than it has seen for
+the adapter (``lorafleet.trainer.fencing``).
 """
 
 from __future__ import annotations
@@ -99,9 +106,15 @@ def _optimizer(cfg: pb.OptimizerConfig | Mapping[str, float]) -> pb.OptimizerCon
 
 
 class AsyncTrainerClient(AsyncServiceClient):
-    def __init__(self, target: Any, **kwargs: Any) -> None:
+    def __init__(self, target: Any, *, fencing_token: int = 0, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
         self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
+        self.fencing_token = fencing_token
+
+    async def _unary(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
+        if "fencing_token" in request.DESCRIPTOR.fields_by_name:
+            request.fencing_token = self.fencing_token
+        return await super()._unary(method, request, timeout_s)
 
     # adapters
 

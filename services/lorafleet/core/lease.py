@@ -22,6 +22,11 @@ Why the rules are what they are:
   to commit; SQLite: write transactions are serialised). A leader that was
   paused past its lease cannot write a single row after the takeover, whatever
   it believed when it woke up.
+- **Each holding has a fencing token that only grows**: `renewals` after the
+  acquiring write, plus one (the row's `renewals` never goes back, and every
+  write to it adds one). Other services that the leader drives can refuse a
+  call whose token is below the highest they have seen, which the database's
+  fence cannot do for them.
 - **A replica restarted under the same `holder` name takes its lease back at
   once**, instead of waiting out its own dead predecessor's lease. Two live
   processes given the same name would take it from each other (and step down
@@ -118,6 +123,7 @@ class LeaderLease:
         self._renewed_at: float | None = None  # start of the last successful renewal
         self._seen: _Seen | None = None
         self._lost = False
+        self.fencing_token = 0  # set on acquiring the lease; 0 while never held
         # Built once: the fence runs in every fenced write transaction.
         self._fence_query = (
             sa.select(table.c.token).where(table.c.name == name).with_for_update(read=True)
@@ -183,6 +189,7 @@ class LeaderLease:
                     renewed_at=wall,
                 )
             )
+            self.fencing_token = 1
             log.info("lease_acquired", lease=self.name, holder=self.holder, previous="")
             return True
         if row.token == self.token:
@@ -200,6 +207,7 @@ class LeaderLease:
         if not (free or restarted or expired):
             return False
         if self._swap(conn, row, renewed_at=wall, acquired_at=wall):
+            self.fencing_token = row.renewals + 2  # above every earlier holder's
             log.info(
                 "lease_acquired",
                 lease=self.name,

@@ -127,8 +127,10 @@ class Leadership:
     async def _elected_now(self) -> None:
         if self._elected:
             return
-        log.info("scheduler_leading", replica=self.lease.holder)
-        await self.scheduler.lead()
+        log.info(
+            "scheduler_leading", replica=self.lease.holder, fencing_token=self.lease.fencing_token
+        )
+        await self.scheduler.lead(fencing_token=self.lease.fencing_token)
         self._elected = True
         await self._report()
 

@@ -67,6 +67,9 @@ class RunnerSettings:
     rollout_timeout_s: float
     train_timeout_s: float
     checkpoint_every_steps: int
+    # The leader lease's fencing token, sent with every call that changes the
+    # trainer's adapter (0: not fenced; see lorafleet.trainer.fencing).
+    fencing_token: int = 0
 
 
 @dataclass
@@ -152,6 +155,8 @@ class ExperimentRunner:
 
     async def _trainer(self, method: str, request, timeout_s: float | None = None):  # type: ignore[no-untyped-def]
         stub = getattr(self.node.trainer_stub, method)
+        if "fencing_token" in request.DESCRIPTOR.fields_by_name:
+            request.fencing_token = self.settings.fencing_token
         return await self.node.trainer.call(
             stub, request, timeout_s or self.settings.train_timeout_s
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import time
 import uuid
@@ -46,6 +47,7 @@ from lorafleet.scheduler.types import (
     ExperimentRecord,
     NodeRecord,
 )
+from lorafleet.trainer.fencing import StaleFencingToken
 
 log = structlog.get_logger(__name__)
 
@@ -91,13 +93,24 @@ class Scheduler:
         await self.prepare()
         await self.lead()
 
+    @property
+    def fencing_token(self) -> int:
+        return self._runner_settings.fencing_token
+
     async def prepare(self) -> None:
         """What every replica does first, leader or standby."""
         await self.store.create_tables()
 
-    async def lead(self) -> None:
+    async def lead(self, fencing_token: int = 0) -> None:
         """Take over the cluster as the replica that drives it: the nodes, and
-        every experiment the database says was running or queued."""
+        every experiment the database says was running or queued.
+
+        `fencing_token` (the leader lease's) goes with every call that changes
+        an adapter on a trainer, so that the trainer refuses a deposed leader's
+        calls once this one's have arrived (0: a lone scheduler, not fenced)."""
+        self._runner_settings = dataclasses.replace(
+            self._runner_settings, fencing_token=fencing_token
+        )
         now = time.time()
         for static in self.settings.nodes:
             await self.store.upsert_node(
@@ -495,8 +508,15 @@ class Scheduler:
                 reason = f"node {node.node_id} lost ({exc.reason}); moving to another node"
             outcome = (pb.EXPERIMENT_STATE_QUEUED, reason)
         except LorafleetError as exc:
-            log.error("experiment_failed", experiment=experiment_id, reason=exc.reason)
-            outcome = (pb.EXPERIMENT_STATE_FAILED, f"{exc.reason}: {exc.message}")
+            if exc.reason == StaleFencingToken.reason:
+                # A newer leader owns the adapter: this replica was deposed and
+                # its lease loop is about to stop it; the experiment is not ours
+                # to mark (and the database's fence would refuse the write).
+                log.warning("experiment_owned_by_newer_leader", experiment=experiment_id)
+                outcome = None
+            else:
+                log.error("experiment_failed", experiment=experiment_id, reason=exc.reason)
+                outcome = (pb.EXPERIMENT_STATE_FAILED, f"{exc.reason}: {exc.message}")
         except Exception as exc:
             log.exception("experiment_failed", experiment=experiment_id)
             outcome = (pb.EXPERIMENT_STATE_FAILED, f"INTERNAL: {exc}")
@@ -532,7 +552,9 @@ class Scheduler:
             await node.trainer.call(
                 node.trainer_stub.DropAdapter,
                 trainer_pb2.DropAdapterRequest(
-                    request_id=f"{rec.experiment_id}:release", adapter_id=rec.adapter_id
+                    request_id=f"{rec.experiment_id}:release",
+                    adapter_id=rec.adapter_id,
+                    fencing_token=self.fencing_token,
                 ),
                 10.0,
             )

@@ -57,6 +57,7 @@ from lorafleet.lora.spec import LoraSpec
 from lorafleet.lora.types import LogprobRequest, OptimizerConfig, RequestError
 from lorafleet.trainer import convert
 from lorafleet.trainer import metrics as trainer_metrics
+from lorafleet.trainer.fencing import AdapterFences
 from lorafleet.trainer.storage import AdapterCache, StateStore, check_id, local_path
 
 log = structlog.get_logger(__name__)
@@ -181,16 +182,25 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         # SaveVersion of one registry adapter: one at a time, so two calls never
         # race for the same v<N> directory.
         self._publish_locks: dict[str, asyncio.Lock] = {}
+        self.fences = AdapterFences()
 
     async def _once(
         self, method: str, request: Message, fn: Callable[[], Awaitable[R]], response_type: type[R]
     ) -> R:
+        """Run a state-changing call once per request_id, fenced by its token (a
+        replay of an answered call is not fenced: that call already happened)."""
+        token = getattr(request, "fencing_token", 0)
+
+        async def fenced() -> R:
+            async with self.fences.hold(getattr(request, "adapter_id", ""), token):
+                return await fn()
+
         return await once(
             self.idempotency,
             f"{SERVICE.full_name}/{method}",
             getattr(request, "request_id", ""),
             fingerprint_of(request),
-            fn,
+            fenced if token else fn,
             response_type,
         )
 
@@ -211,7 +221,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 info = await asyncio.to_thread(
                     self.engine.create_adapter, name, spec, optimizer, seed=int(request.seed)
                 )
-            return pb.CreateAdapterResponse(adapter=convert.adapter_info_to_pb(info))
+            return pb.CreateAdapterResponse(adapter=self._adapter_info(info))
 
         return await self._once("CreateAdapter", request, run, pb.CreateAdapterResponse)
 
@@ -489,7 +499,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             info = await asyncio.to_thread(self._load_state, name, data)
             trainer_metrics.observe_checkpoint("load_state", time.perf_counter() - started)
             log.info("state_loaded", adapter=name, step=info.step, uri=request.uri)
-            return pb.LoadStateResponse(adapter=convert.adapter_info_to_pb(info))
+            return pb.LoadStateResponse(adapter=self._adapter_info(info))
 
         return await self._once("LoadState", request, run, pb.LoadStateResponse)
 
@@ -528,10 +538,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             slots_total=self.engine.slots_total,
             slots_used=len(adapters),
             max_rank=self.engine.max_rank,
-            adapters=[convert.adapter_info_to_pb(a) for a in adapters],
+            adapters=[self._adapter_info(a) for a in adapters],
             base_model_bytes=self.base_model_bytes,
             process_memory_bytes=await asyncio.to_thread(process_memory_bytes),
         )
+
+
+    def _adapter_info(self, info: Any) -> pb.AdapterInfo:
+        message = convert.adapter_info_to_pb(info)
+        message.fencing_token = self.fences.highest(message.adapter_id)
+        return message
 
 
 def servicer_binding(servicer: TrainerServicer) -> ServiceBinding:

@@ -124,6 +124,31 @@ async def test_the_same_name_restarted_takes_its_lease_back_at_once(db):
     assert not before.leading
 
 
+async def test_every_holding_has_a_higher_fencing_token_than_the_ones_before(db):
+    a_clock, b_clock = Clock(), Clock()
+    a, b = replica(db, "a", a_clock), replica(db, "b", b_clock)
+    assert (a.fencing_token, b.fencing_token) == (0, 0)  # never held
+    tokens = []
+    assert await a.try_acquire_or_renew()
+    tokens.append(a.fencing_token)
+    for _ in range(3):  # renewals keep the holding's token
+        assert await a.try_acquire_or_renew()
+    assert a.fencing_token == tokens[-1]
+    assert not await b.try_acquire_or_renew()
+    b_clock.now += 15.0
+    assert await b.try_acquire_or_renew()  # a takeover after expiry
+    tokens.append(b.fencing_token)
+    await b.release()
+    c = replica(db, "c", Clock())
+    assert await c.try_acquire_or_renew()  # a free lease
+    tokens.append(c.fencing_token)
+    again = replica(db, "c", Clock())
+    assert await again.try_acquire_or_renew()  # the same name restarted
+    tokens.append(again.fencing_token)
+    assert tokens[0] >= 1
+    assert tokens == sorted(set(tokens)), tokens
+
+
 async def test_the_fence_lets_only_the_holder_write(db):
     a_clock, b_clock = Clock(), Clock()
     a, b = replica(db, "a", a_clock), replica(db, "b", b_clock)

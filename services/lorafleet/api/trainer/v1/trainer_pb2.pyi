@@ -63,20 +63,22 @@ class TrainSample(_message.Message):
     def __init__(self, sequence: _Optional[_Union[_sampling_pb2.TokenSequence, _Mapping]] = ..., sampling_logprobs: _Optional[_Iterable[float]] = ..., advantage: _Optional[float] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class CreateAdapterRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "lora", "optimizer", "from_version", "seed")
+    __slots__ = ("request_id", "adapter_id", "lora", "optimizer", "from_version", "seed", "fencing_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     lora: _adapter_pb2.LoraSpec
     optimizer: OptimizerConfig
     from_version: _adapter_pb2.AdapterSelector
     seed: int
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., lora: _Optional[_Union[_adapter_pb2.LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., from_version: _Optional[_Union[_adapter_pb2.AdapterSelector, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., lora: _Optional[_Union[_adapter_pb2.LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., from_version: _Optional[_Union[_adapter_pb2.AdapterSelector, _Mapping]] = ..., seed: _Optional[int] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class CreateAdapterResponse(_message.Message):
     __slots__ = ("adapter",)
@@ -85,18 +87,20 @@ class CreateAdapterResponse(_message.Message):
     def __init__(self, adapter: _Optional[_Union[AdapterInfo, _Mapping]] = ...) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "samples", "loss", "weight")
+    __slots__ = ("request_id", "adapter_id", "samples", "loss", "weight", "fencing_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     samples: _containers.RepeatedCompositeFieldContainer[TrainSample]
     loss: LossConfig
     weight: float
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[TrainSample, _Mapping]]] = ..., loss: _Optional[_Union[LossConfig, _Mapping]] = ..., weight: _Optional[float] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[TrainSample, _Mapping]]] = ..., loss: _Optional[_Union[LossConfig, _Mapping]] = ..., weight: _Optional[float] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class ForwardBackwardResponse(_message.Message):
     __slots__ = ("metrics",)
@@ -105,14 +109,16 @@ class ForwardBackwardResponse(_message.Message):
     def __init__(self, metrics: _Optional[_Union[_metrics_pb2.TrainMetrics, _Mapping]] = ...) -> None: ...
 
 class OptimStepRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "learning_rate")
+    __slots__ = ("request_id", "adapter_id", "learning_rate", "fencing_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     learning_rate: float
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., learning_rate: _Optional[float] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class OptimStepResponse(_message.Message):
     __slots__ = ("step", "grad_norm", "applied")
@@ -125,20 +131,22 @@ class OptimStepResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ..., grad_norm: _Optional[float] = ..., applied: _Optional[bool] = ...) -> None: ...
 
 class TrainStepRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "samples", "loss", "learning_rate", "weight")
+    __slots__ = ("request_id", "adapter_id", "samples", "loss", "learning_rate", "weight", "fencing_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     samples: _containers.RepeatedCompositeFieldContainer[TrainSample]
     loss: LossConfig
     learning_rate: float
     weight: float
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[TrainSample, _Mapping]]] = ..., loss: _Optional[_Union[LossConfig, _Mapping]] = ..., learning_rate: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[TrainSample, _Mapping]]] = ..., loss: _Optional[_Union[LossConfig, _Mapping]] = ..., learning_rate: _Optional[float] = ..., weight: _Optional[float] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
     __slots__ = ("metrics", "step", "applied")
@@ -171,7 +179,7 @@ class ComputeLogprobsResponse(_message.Message):
     def __init__(self, sequences: _Optional[_Iterable[_Union[SequenceLogprobs, _Mapping]]] = ...) -> None: ...
 
 class SaveVersionRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "registry_adapter_id", "expected_parent_version", "training_step", "metrics")
+    __slots__ = ("request_id", "adapter_id", "registry_adapter_id", "expected_parent_version", "training_step", "metrics", "fencing_token")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -185,13 +193,15 @@ class SaveVersionRequest(_message.Message):
     EXPECTED_PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAINING_STEP_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     registry_adapter_id: str
     expected_parent_version: int
     training_step: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., registry_adapter_id: _Optional[str] = ..., expected_parent_version: _Optional[int] = ..., training_step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., registry_adapter_id: _Optional[str] = ..., expected_parent_version: _Optional[int] = ..., training_step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class SaveVersionResponse(_message.Message):
     __slots__ = ("ref",)
@@ -200,12 +210,14 @@ class SaveVersionResponse(_message.Message):
     def __init__(self, ref: _Optional[_Union[_adapter_pb2.AdapterRef, _Mapping]] = ...) -> None: ...
 
 class SaveStateRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id")
+    __slots__ = ("request_id", "adapter_id", "fencing_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class SaveStateResponse(_message.Message):
     __slots__ = ("uri", "sha256", "size_bytes", "step")
@@ -220,16 +232,18 @@ class SaveStateResponse(_message.Message):
     def __init__(self, uri: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class LoadStateRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "uri", "sha256")
+    __slots__ = ("request_id", "adapter_id", "uri", "sha256", "fencing_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     uri: str
     sha256: str
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., uri: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., uri: _Optional[str] = ..., sha256: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class LoadStateResponse(_message.Message):
     __slots__ = ("adapter",)
@@ -238,12 +252,14 @@ class LoadStateResponse(_message.Message):
     def __init__(self, adapter: _Optional[_Union[AdapterInfo, _Mapping]] = ...) -> None: ...
 
 class DropAdapterRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id")
+    __slots__ = ("request_id", "adapter_id", "fencing_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class DropAdapterResponse(_message.Message):
     __slots__ = ()
@@ -254,7 +270,7 @@ class GetTrainerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "lora", "optimizer", "step", "parameter_count", "parameter_bytes", "optimizer_state_bytes", "pending_gradient_bytes")
+    __slots__ = ("adapter_id", "lora", "optimizer", "step", "parameter_count", "parameter_bytes", "optimizer_state_bytes", "pending_gradient_bytes", "fencing_token")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +279,7 @@ class AdapterInfo(_message.Message):
     PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PENDING_GRADIENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     lora: _adapter_pb2.LoraSpec
     optimizer: OptimizerConfig
@@ -271,7 +288,8 @@ class AdapterInfo(_message.Message):
     parameter_bytes: int
     optimizer_state_bytes: int
     pending_gradient_bytes: int
-    def __init__(self, adapter_id: _Optional[str] = ..., lora: _Optional[_Union[_adapter_pb2.LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., step: _Optional[int] = ..., parameter_count: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., optimizer_state_bytes: _Optional[int] = ..., pending_gradient_bytes: _Optional[int] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, adapter_id: _Optional[str] = ..., lora: _Optional[_Union[_adapter_pb2.LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., step: _Optional[int] = ..., parameter_count: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., optimizer_state_bytes: _Optional[int] = ..., pending_gradient_bytes: _Optional[int] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class GetTrainerStatusResponse(_message.Message):
     __slots__ = ("base_model", "slots_total", "slots_used", "max_rank", "adapters", "base_model_bytes", "process_memory_bytes")
