@@ -46,6 +46,10 @@ def address_options(fn):  # type: ignore[no-untyped-def]
         "--registry", envvar="LORAFLEET_REGISTRY", default=None, help="Registry HOST:PORT."
     )(fn)
     fn = click.option(
-        "--scheduler", envvar="LORAFLEET_SCHEDULER", default=None, help="Scheduler HOST:PORT."
+        "--scheduler",
+        envvar="LORAFLEET_SCHEDULER",
+        default=None,
+        help="Scheduler HOST:PORT, or every replica's, comma-separated (calls then go to"
+        " the leader and follow a failover).",
     )(fn)
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)

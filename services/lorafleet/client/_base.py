@@ -18,14 +18,27 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lorafleet.core.channel import DEFAULT_TIMEOUT_S, make_channel
+from lorafleet.core.channel import (
+    DEFAULT_TIMEOUT_S,
+    is_replica_set,
+    make_channel,
+    replica_target,
+)
 from lorafleet.core.errors import error_from_rpc
 
 T = TypeVar("T")
 
 
 class AsyncServiceClient:
-    """Owns (or borrows) one channel; converts failed calls to `LorafleetError`."""
+    """Owns (or borrows) one channel; converts failed calls to `LorafleetError`.
+
+    A service whose replicas elect a leader names its leader's health entry in
+    `LEADER_HEALTH_SERVICE`. Given several of its replicas ("h1:p,h2:p", or a
+    "dns:///name:port" that resolves to them), the client sends every call to
+    the replica whose entry is SERVING, and while none is (a failover) calls
+    wait for one, up to their deadline."""
+
+    LEADER_HEALTH_SERVICE: str | None = None
 
     def __init__(
         self,
@@ -34,7 +47,17 @@ class AsyncServiceClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self._owns_channel = isinstance(target, str)
-        self.channel: grpc.aio.Channel = make_channel(target) if isinstance(target, str) else target
+        self.follows_leader = bool(
+            isinstance(target, str) and self.LEADER_HEALTH_SERVICE and is_replica_set(target)
+        )
+        if not isinstance(target, str):
+            self.channel: grpc.aio.Channel = target
+        elif self.follows_leader:
+            self.channel = make_channel(
+                replica_target(target), health_service=self.LEADER_HEALTH_SERVICE
+            )
+        else:
+            self.channel = make_channel(target)
         self.timeout_s = timeout_s
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -42,16 +65,23 @@ class AsyncServiceClient:
         self, method: Callable[..., Awaitable[T]], request: Any, timeout_s: float | None = None
     ) -> T:
         try:
-            return await method(request, timeout=timeout_s or self.timeout_s)
+            return await method(
+                request, timeout=timeout_s or self.timeout_s, wait_for_ready=self._wait()
+            )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from exc
+
+    def _wait(self) -> bool | None:
+        # Following a leader: a call made while no replica leads waits for the
+        # next leader instead of failing at once (the deadline still holds).
+        return True if self.follows_leader else None
 
     async def _server_stream(
         self, method: Callable[..., Any], request: Any, timeout_s: float | None = None
     ) -> AsyncIterator[Any]:
         """Yield a server stream's messages. `timeout_s=None` means no deadline:
         watch streams are meant to stay open."""
-        call = method(request, timeout=timeout_s)
+        call = method(request, timeout=timeout_s, wait_for_ready=self._wait())
         try:
             async for message in call:
                 yield message

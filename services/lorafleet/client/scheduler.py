@@ -1,7 +1,15 @@
-"""Typed client of the SchedulerService: submit and follow experiments."""
+"""Typed client of the SchedulerService: submit and follow experiments.
+
+Give it one address, or every scheduler replica's ("h1:50052,h2:50052", or a
+"dns:///name:50052" that resolves to them): then calls go to whichever replica
+leads, wait for the next leader during a failover, and a watch carries on
+across it.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
@@ -9,6 +17,7 @@ from typing import Any
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
 from lorafleet.api.scheduler.v1 import scheduler_pb2_grpc
 from lorafleet.client._base import AsyncServiceClient, SyncBridge
+from lorafleet.core.errors import Unavailable
 from lorafleet.environment.structs import dict_to_struct
 
 
@@ -62,7 +71,17 @@ def builtin_spec(
     return spec
 
 
+_TERMINAL = frozenset(
+    {pb.EXPERIMENT_STATE_COMPLETED, pb.EXPERIMENT_STATE_FAILED, pb.EXPERIMENT_STATE_CANCELLED}
+)
+# How long a watch keeps trying to reopen its stream after it broke (a leader
+# that died is replaced after its lease, 15 s by default, plus a start-up).
+WATCH_RECONNECT_S = 60.0
+
+
 class AsyncSchedulerClient(AsyncServiceClient):
+    LEADER_HEALTH_SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+
     def __init__(self, target: Any, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
@@ -112,13 +131,54 @@ class AsyncSchedulerClient(AsyncServiceClient):
         return (await self._unary(self.stub.CancelExperiment, request, 120)).experiment
 
     async def watch(
-        self, experiment_id: str, *, from_step: int = 0
+        self, experiment_id: str, *, from_step: int = 0, reconnect_s: float = WATCH_RECONNECT_S
     ) -> AsyncIterator[pb.WatchExperimentResponse]:
         """Step metrics and lifecycle events, replayed then live; ends when the
-        experiment reaches a terminal state."""
-        request = pb.WatchExperimentRequest(experiment_id=experiment_id, from_step=from_step)
-        async for event in self._server_stream(self.stub.WatchExperiment, request):
-            yield event
+        experiment reaches a terminal state.
+
+        When an open stream breaks with UNAVAILABLE (the scheduler leading it
+        went away), it is reopened for up to `reconnect_s` from the step after
+        the last one seen, and lifecycle events already seen are not repeated:
+        a failover shows as a pause, then the next steps. A stream that cannot
+        be opened in the first place (a standby's NOT_LEADER, say) raises at once.
+        """
+        last_step = from_step
+        lifecycle_seen = 0
+        opened = finished = False
+        broke_at: float | None = None
+        while True:
+            request = pb.WatchExperimentRequest(experiment_id=experiment_id, from_step=last_step)
+            lifecycle_now = 0
+            try:
+                async for event in self._server_stream(self.stub.WatchExperiment, request):
+                    opened, broke_at = True, None
+                    if event.WhichOneof("event") == "lifecycle":
+                        # The server replays every lifecycle event on each open.
+                        lifecycle_now += 1
+                        if lifecycle_now <= lifecycle_seen:
+                            continue
+                        lifecycle_seen = lifecycle_now
+                        finished = finished or event.lifecycle.state in _TERMINAL
+                    else:
+                        last_step = event.step.step
+                    yield event
+                if finished or not opened:
+                    return
+                # Ended before the experiment did: its server stopped.
+                error: Unavailable | None = None
+            except Unavailable as exc:
+                if not opened:
+                    raise
+                error = exc
+            now = time.monotonic()
+            broke_at = now if broke_at is None else broke_at
+            if now - broke_at >= reconnect_s:
+                raise error or Unavailable(
+                    f"the watch of {experiment_id!r} ended before the experiment did and could"
+                    f" not be reopened within {reconnect_s:g} s",
+                    reason="WATCH_BROKEN",
+                )
+            await asyncio.sleep(0.5)
 
     async def push_prompts(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import grpc
@@ -37,7 +38,59 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
-SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}]})
+def service_config(*, retry: bool, health_service: str | None) -> str | None:
+    """The channel's service config: the retry policy, and with `health_service`
+    gRPC's own client-side health checking: the channel watches every address's
+    `grpc.health.v1` status of that service and sends calls only to an address
+    where it is SERVING (round robin among them), so a client given every replica
+    of a service with one leader talks to the leader, whichever it is."""
+    config: dict[str, object] = {}
+    if retry:
+        config["methodConfig"] = [{"name": [{}], "retryPolicy": RETRY_POLICY}]
+    if health_service:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+        config["healthCheckConfig"] = {"serviceName": health_service}
+    return json.dumps(config) if config else None
+
+
+def is_replica_set(target: str) -> bool:
+    """True for a target naming several replicas: "host:port,host:port", or a
+    gRPC target URI whose resolver may return several ("dns:///name:port")."""
+    return "," in target or "://" in target or target.startswith(("ipv4:", "ipv6:"))
+
+
+def replica_target(target: str) -> str:
+    """A gRPC target for `target` as `is_replica_set` reads it: a list of
+    "host:port" becomes "ipv4:a:p,b:p" (hostnames resolved now, once; gRPC's own
+    resolvers take only addresses in a list), a URI is kept as it is.
+
+    Raises:
+        Unavailable: reason ``ADDRESS_UNRESOLVED`` when a host does not resolve.
+    """
+    if "," not in target:
+        return target
+    resolved: dict[str, list[str]] = {"ipv4": [], "ipv6": []}
+    for entry in (e.strip() for e in target.split(",")):
+        if not entry:
+            continue
+        host, _, port = entry.rpartition(":")
+        host = host.strip("[]")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(
+                f"cannot resolve replica address {entry!r}: {exc}",
+                reason="ADDRESS_UNRESOLVED",
+                metadata={"address": entry},
+            ) from exc
+        family, *_, sockaddr = infos[0]
+        if family == socket.AF_INET6:
+            resolved["ipv6"].append(f"[{sockaddr[0]}]:{port}")
+        else:
+            resolved["ipv4"].append(f"{sockaddr[0]}:{port}")
+    # One target has one scheme: the IPv4 addresses when there are any.
+    scheme = "ipv4" if resolved["ipv4"] else "ipv6"
+    return f"{scheme}:{','.join(resolved[scheme])}"
 
 
 def channel_options(
@@ -46,6 +99,7 @@ def channel_options(
     keepalive_time_ms: int = DEFAULT_KEEPALIVE_TIME_MS,
     keepalive_timeout_ms: int = DEFAULT_KEEPALIVE_TIMEOUT_MS,
     retry: bool = True,
+    health_service: str | None = None,
 ) -> list[tuple[str, int | str]]:
     """The channel arguments ``make_channel`` uses; exposed for custom channels."""
     options: list[tuple[str, int | str]] = [
@@ -58,8 +112,9 @@ def channel_options(
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_retries", int(retry)),
     ]
-    if retry:
-        options.append(("grpc.service_config", SERVICE_CONFIG))
+    config = service_config(retry=retry, health_service=health_service)
+    if config is not None:
+        options.append(("grpc.service_config", config))
     return options
 
 
@@ -71,8 +126,11 @@ def make_channel(
     keepalive_timeout_ms: int = DEFAULT_KEEPALIVE_TIMEOUT_MS,
     retry: bool = True,
     interceptors: list[grpc.aio.ClientInterceptor] | None = None,
+    health_service: str | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure asyncio channel to ``address`` (``host:port``)."""
+    """An insecure asyncio channel to ``address`` (``host:port``, or any gRPC
+    target); with ``health_service``, calls go only to addresses where that
+    service's health is SERVING (see ``service_config``)."""
     return grpc.aio.insecure_channel(
         address,
         options=channel_options(
@@ -80,6 +138,7 @@ def make_channel(
             keepalive_time_ms=keepalive_time_ms,
             keepalive_timeout_ms=keepalive_timeout_ms,
             retry=retry,
+            health_service=health_service,
         ),
         interceptors=interceptors,
     )

@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
 from lorafleet.client.scheduler import AsyncSchedulerClient, builtin_spec
 from lorafleet.core.app import ServiceApp
 from lorafleet.core.channel import make_channel
@@ -138,6 +139,61 @@ async def test_a_dead_leaders_lease_is_taken_after_its_duration(replicas):
     async with AsyncSchedulerClient(standby.address) as client:
         await client.submit(builtin_spec("count", max_steps=5), experiment_id="exp-2")
         assert [e.experiment_id for e in await client.list()] == ["exp-2"]
+
+
+async def test_a_client_given_every_replica_follows_the_leader_through_a_failover(replicas):
+    leader, standby = replicas
+    # The standby first: the channel must route by health, not by order.
+    async with AsyncSchedulerClient(f"{standby.address},{leader.address}") as client:
+        assert client.follows_leader
+        await client.submit(builtin_spec("count", max_steps=5), experiment_id="exp-1")
+        events: list = []
+        first_seen = asyncio.Event()
+
+        async def follow() -> None:
+            async for event in client.watch("exp-1"):
+                events.append(event)
+                first_seen.set()
+
+        watching = asyncio.create_task(follow())
+        await asyncio.wait_for(first_seen.wait(), timeout=10)
+        await leader.stop()  # the watch's stream breaks with its server
+        # Made while the standby may not lead yet: the call waits for it.
+        cancelled = await client.cancel("exp-1")
+        assert cancelled.state == pb.EXPERIMENT_STATE_CANCELLED
+        await asyncio.wait_for(watching, timeout=30)
+    states = [e.lifecycle.state for e in events if e.WhichOneof("event") == "lifecycle"]
+    # Every event once: the reopened stream's replay of the first is skipped.
+    assert states == [pb.EXPERIMENT_STATE_QUEUED, pb.EXPERIMENT_STATE_CANCELLED], events
+
+
+async def test_a_call_made_while_no_replica_leads_waits_for_the_next_leader(replicas):
+    leader, standby = replicas
+    async with AsyncSchedulerClient(f"{leader.address},{standby.address}") as client:
+        await client.submit(builtin_spec("count", max_steps=5), experiment_id="exp-1")
+        # The leader crashes: its server goes, its lease is neither renewed nor
+        # released, so for the lease's duration no replica leads.
+        [renewal] = [t for t in asyncio.all_tasks() if t.get_name() == "scheduler-lease-sched-a"]
+        renewal.cancel()
+        await leader.server.stop(grace=None)
+        started = asyncio.get_running_loop().time()
+        got = await client.get("exp-1")
+        waited = asyncio.get_running_loop().time() - started
+    assert got.experiment_id == "exp-1"
+    # It waited for the takeover (well past the channel's own retries, ~1.5 s).
+    assert LEASE["lease_duration_s"] - 1.0 <= waited < 20, waited
+
+
+async def test_a_watch_that_cannot_open_fails_at_once(replicas):
+    _leader, standby = replicas
+    async with AsyncSchedulerClient(standby.address) as client:
+        assert not client.follows_leader
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(Unavailable) as refused:
+            async for _ in client.watch("exp-1"):
+                pass
+    assert refused.value.reason == "NOT_LEADER"
+    assert asyncio.get_running_loop().time() - started < 10  # no reconnecting
 
 
 async def _serving(replica: Replica) -> bool:
