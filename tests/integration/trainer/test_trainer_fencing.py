@@ -8,38 +8,28 @@ from __future__ import annotations
 import random
 
 import pytest
-from trainer_harness import random_samples, start_registry, start_trainer
+from trainer_harness import random_samples, trainer_beside_registry
 
 from lorafleet.client.trainer import AsyncTrainerClient
 from lorafleet.core.errors import FailedPrecondition, NotFound
-from lorafleet.trainer.config import TrainerSettings
 
 LORA = {"rank": 4, "alpha": 8.0}
 
 
 @pytest.fixture
 async def mesh(tmp_path, trainer_llama_dir):
-    cache = tmp_path / "node-t" / "adapters"
-    cache.mkdir(parents=True)
-    registry = await start_registry(tmp_path / "registry", {"node-t": cache})
-    trainer = await start_trainer(
-        TrainerSettings(
-            model_path=str(trainer_llama_dir),
-            adapter_cache_dir=str(cache),
-            node_id="node-t",
-            registry_address=registry.address,
-            max_rank=16,
-        )
-    )
-    old = AsyncTrainerClient(trainer.address, fencing_token=7)
-    new = AsyncTrainerClient(trainer.address, fencing_token=8)
-    try:
-        yield trainer, registry, old, new
-    finally:
-        await old.close()
-        await new.close()
-        await trainer.stop()
-        await registry.stop()
+    async with trainer_beside_registry(tmp_path, trainer_llama_dir, "node-t", max_rank=16) as (
+        trainer,
+        registry,
+        _cache,
+    ):
+        old = AsyncTrainerClient(trainer.address, fencing_token=7)
+        new = AsyncTrainerClient(trainer.address, fencing_token=8)
+        try:
+            yield trainer, registry, old, new
+        finally:
+            await old.close()
+            await new.close()
 
 
 async def stale(call):

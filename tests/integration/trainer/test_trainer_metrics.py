@@ -10,10 +10,9 @@ import random
 
 import pytest
 from prometheus_client import REGISTRY
-from trainer_harness import random_samples, start_registry, start_trainer
+from trainer_harness import random_samples, trainer_beside_registry
 
 from lorafleet.core.errors import Aborted, NotFound
-from lorafleet.trainer.config import TrainerSettings
 
 ADAPTERS = ("m-a", "m-b", "m-c")
 SLOTS = 5
@@ -25,27 +24,17 @@ def value(name: str, **labels: str) -> float:
 
 @pytest.fixture
 async def mesh(tmp_path, trainer_llama_dir):
-    cache = tmp_path / "node-m" / "adapters"
-    cache.mkdir(parents=True)
-    registry = await start_registry(tmp_path / "registry", {"node-m": cache})
-    trainer = await start_trainer(
-        TrainerSettings(
-            model_path=str(trainer_llama_dir),
-            adapter_cache_dir=str(cache),
-            node_id="node-m",
-            registry_address=registry.address,
-            max_adapters=SLOTS,
-            # Fused (off by default on CPU), in a window wide enough that three
-            # concurrent calls over loopback always meet.
-            fuse=True,
-            fuse_max_wait_ms=300,
-        )
-    )
-    try:
+    async with trainer_beside_registry(
+        tmp_path,
+        trainer_llama_dir,
+        "node-m",
+        max_adapters=SLOTS,
+        # Fused (off by default on CPU), in a window wide enough that three
+        # concurrent calls over loopback always meet.
+        fuse=True,
+        fuse_max_wait_ms=300,
+    ) as (trainer, registry, _cache):
         yield trainer, registry
-    finally:
-        await trainer.stop()
-        await registry.stop()
 
 
 async def test_fused_pass_tokens_and_slots(mesh):

@@ -10,7 +10,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
-from trainer_harness import random_samples, start_registry, start_trainer
+from trainer_harness import random_samples, start_registry, start_trainer, trainer_beside_registry
 
 from lorafleet.core.errors import Aborted
 from lorafleet.trainer.config import TrainerSettings
@@ -20,24 +20,9 @@ SEQS = [([5, 9, 11, 2, 40, 33, 7, 19, 60, 1], 3), ([3, 3, 8, 50, 21, 17], 2)]
 
 @pytest.fixture
 async def mesh(tmp_path, trainer_llama_dir):
-    cache = tmp_path / "node-t" / "adapters"
-    cache.mkdir(parents=True)
     # The pairing under test: the registry may read the trainer's cache directory.
-    registry = await start_registry(tmp_path / "registry", {"node-t": cache})
-    trainer = await start_trainer(
-        TrainerSettings(
-            model_path=str(trainer_llama_dir),
-            adapter_cache_dir=str(cache),
-            node_id="node-t",
-            registry_address=registry.address,
-            max_rank=16,
-        )
-    )
-    try:
-        yield trainer, registry, cache
-    finally:
-        await trainer.stop()
-        await registry.stop()
+    async with trainer_beside_registry(tmp_path, trainer_llama_dir, "node-t", max_rank=16) as m:
+        yield m
 
 
 def _peft_logprobs(model_dir: Path, adapter_dir: Path, seqs) -> list[list[float]]:

@@ -7,8 +7,11 @@ fresh interpreter (resume).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc.aio
 
@@ -94,6 +97,31 @@ async def start_registry(data_dir: Path, file_roots: dict[str, Path]) -> Running
     await start_server(server, health, runtime.app.bindings)
     address = f"127.0.0.1:{port}"
     return RunningRegistry(address, runtime, server, AsyncRegistryClient(address))
+
+
+@asynccontextmanager
+async def trainer_beside_registry(
+    tmp_path: Path, model_dir: Path, node_id: str, **settings: Any
+) -> AsyncIterator[tuple[RunningTrainer, RunningRegistry, Path]]:
+    """A trainer and a registry that may read the trainer's node cache (the
+    pairing that publishes by reference); yields both and the cache directory."""
+    cache = tmp_path / node_id / "adapters"
+    cache.mkdir(parents=True)
+    registry = await start_registry(tmp_path / "registry", {node_id: cache})
+    trainer = await start_trainer(
+        TrainerSettings(
+            model_path=str(model_dir),
+            adapter_cache_dir=str(cache),
+            node_id=node_id,
+            registry_address=registry.address,
+            **settings,
+        )
+    )
+    try:
+        yield trainer, registry, cache
+    finally:
+        await trainer.stop()
+        await registry.stop()
 
 
 def random_samples(
