@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from lorafleet.client.trainer import TrainerClient
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
@@ -85,6 +87,18 @@ def workdir(tmp_path_factory, tiny_model_dir):
     log.close()
 
 
+def trainer_adapters(workdir: Path) -> list[str]:
+    """Adapter ids held by every trainer of the cluster `up` started."""
+    manifest = json.loads((workdir / "runs" / "cli" / "cluster.json").read_text())
+    held = []
+    for entry in manifest.values():
+        if entry["service"] == "trainer":
+            with TrainerClient(entry["address"]) as trainer:
+                held += [a.adapter_id for a in trainer.status().adapters]
+    assert any(e["service"] == "trainer" for e in manifest.values()), manifest
+    return held
+
+
 def wait_state(workdir: Path, experiment_id: str, states: set[str], timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -129,6 +143,12 @@ def test_cli_drives_an_experiment_through_its_lifecycle(workdir: Path) -> None:
     cancelled = cli_json(workdir, "cancel", "cli-count")
     final = wait_state(workdir, "cli-count", {"EXPERIMENT_STATE_CANCELLED"}, 60)
     assert cancelled["experimentId"] == "cli-count"
+    # Its slot is free again: the pause released the adapter once, and the
+    # cancel released the adapter the resume had restored.
+    deadline = time.monotonic() + 30
+    while "cli-count" in (held := trainer_adapters(workdir)):
+        assert time.monotonic() < deadline, held
+        time.sleep(0.5)
 
     # watch replays every completed step, in order, then ends with the lifecycle.
     events = [json.loads(line) for line in run_cli(workdir, "watch", "cli-count", "--json")

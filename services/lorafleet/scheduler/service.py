@@ -552,7 +552,10 @@ class Scheduler:
             await node.trainer.call(
                 node.trainer_stub.DropAdapter,
                 trainer_pb2.DropAdapterRequest(
-                    request_id=f"{rec.experiment_id}:release",
+                    # New per release: an experiment paused (released), resumed
+                    # and then finished is released twice, and the second must
+                    # drop the adapter, not replay the first's answer.
+                    request_id=f"{rec.experiment_id}:release:{uuid.uuid4().hex[:12]}",
                     adapter_id=rec.adapter_id,
                     fencing_token=self.fencing_token,
                 ),
