@@ -23,9 +23,8 @@ and never trains twice.
 A controller that runs as replicas, one leading at a time, sets
 ``fencing_token`` (``TrainerClient(address, fencing_token=lease_token)``; on
 ``AsyncTrainerClient`` also an attribute): every state-changing call carries
-it, and the trainer
-refuses, ``STALE_FENCING_TOKEN``, calls with a lower token than it has seen for
-the adapter (``lorafleet.trainer.fencing``).
+it, and the trainer refuses, ``STALE_FENCING_TOKEN``, calls with a lower token
+than it has seen for the adapter (``lorafleet.trainer.fencing``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import grpc.aio
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lorafleet.core.errors import Unavailable
+from lorafleet.core.errors import InvalidArgument, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +66,8 @@ def replica_target(target: str) -> str:
 
     Raises:
         Unavailable: reason ``ADDRESS_UNRESOLVED`` when a host does not resolve.
+        InvalidArgument: reason ``ADDRESS_FAMILIES_MIXED`` when some hosts have
+            only IPv4 and others only IPv6 addresses.
     """
     if "," not in target:
         return target
@@ -83,12 +85,18 @@ def replica_target(target: str) -> str:
                 reason="ADDRESS_UNRESOLVED",
                 metadata={"address": entry},
             ) from exc
-        family, *_, sockaddr = infos[0]
+        # IPv4 where the host has it ("localhost" may list ::1 first).
+        family, *_, sockaddr = ([i for i in infos if i[0] == socket.AF_INET] or infos)[0]
         if family == socket.AF_INET6:
             resolved["ipv6"].append(f"[{sockaddr[0]}]:{port}")
         else:
             resolved["ipv4"].append(f"{sockaddr[0]}:{port}")
-    # One target has one scheme: the IPv4 addresses when there are any.
+    if resolved["ipv4"] and resolved["ipv6"]:
+        # One target has one scheme; dropping a replica silently would be worse.
+        raise InvalidArgument(
+            f"replicas {target!r} resolve to IPv4 and IPv6-only hosts; list one family",
+            reason="ADDRESS_FAMILIES_MIXED",
+        )
     scheme = "ipv4" if resolved["ipv4"] else "ipv6"
     return f"{scheme}:{','.join(resolved[scheme])}"
 

@@ -14,7 +14,7 @@ from lorafleet.core.channel import (
     replica_target,
     service_config,
 )
-from lorafleet.core.errors import Unavailable
+from lorafleet.core.errors import InvalidArgument, Unavailable
 
 
 @pytest.mark.parametrize(
@@ -34,6 +34,13 @@ def test_which_targets_name_several_replicas(target, several):
 def test_a_list_becomes_one_ipv4_target_with_hostnames_resolved():
     assert replica_target("127.0.0.1:1, localhost:2,") == "ipv4:127.0.0.1:1,127.0.0.1:2"
     assert replica_target("dns:///scheduler:50052") == "dns:///scheduler:50052"
+
+
+def test_a_list_of_ipv6_replicas_and_a_mixed_list():
+    assert replica_target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
+    with pytest.raises(InvalidArgument) as caught:
+        replica_target("127.0.0.1:1,[::1]:2")
+    assert caught.value.reason == "ADDRESS_FAMILIES_MIXED"
 
 
 def test_an_unresolvable_replica_is_named():
