@@ -363,6 +363,10 @@ def test_standby_takes_over_from_a_frozen_leader_which_then_exits(cluster):
     # The module's `scheduler` client may point at an earlier leader's port.
     with SchedulerClient(leader.address) as scheduler:
         experiment = scheduler.submit(builtin_spec("copy", max_steps=40), experiment_id="failover")
+        # A client given both replicas watches it through the failover.
+        following = futures.ThreadPoolExecutor(max_workers=1).submit(
+            watched_steps, f"{leader.address},{standby.address}", experiment.experiment_id
+        )
         while scheduler.get(experiment.experiment_id).current_step < 4:
             time.sleep(0.2)
         trainer = node_trainer(cluster, scheduler.get(experiment.experiment_id).node_id)
@@ -388,6 +392,24 @@ def test_standby_takes_over_from_a_frozen_leader_which_then_exits(cluster):
     assert leader.process.wait(timeout=60) == EXIT_LEASE_LOST, cluster.tail("scheduler")
 
     assert_completed_without_lost_or_repeated_steps(cluster, standby.address, experiment, steps=40)
+    # Its stream broke with the old leader and reopened on the new one, where
+    # it had stopped: every step once, and the experiment's end.
+    steps, last_state = following.result(timeout=120)
+    assert steps == list(range(1, 41)), steps
+    assert last_state == pb.EXPERIMENT_STATE_COMPLETED
+
+
+def watched_steps(replicas: str, experiment_id: str) -> tuple[list[int], int]:
+    """The steps a watch through a client given every replica saw, and the last
+    lifecycle state."""
+    steps, last_state = [], 0
+    with SchedulerClient(replicas) as follower:
+        for event in follower.watch(experiment_id):
+            if event.WhichOneof("event") == "step":
+                steps.append(event.step.step)
+            else:
+                last_state = event.lifecycle.state
+    return steps, last_state
 
 
 def node_trainer(cluster, node_id: str) -> str:
