@@ -68,8 +68,10 @@ def workdir(tmp_path_factory, tiny_model_dir):
     """A directory with a running `lorafleet up`; stopped with Ctrl-C (SIGINT) at the end."""
     workdir = tmp_path_factory.mktemp("cli")
     log = (workdir / "up.log").open("w")
+    # Two scheduler replicas: every command finds both in cluster.json and
+    # talks to whichever leads (the last test stops the leader).
     up = subprocess.Popen(
-        [LORAFLEET, "up", "--run-dir", "runs/cli"],
+        [LORAFLEET, "up", "--run-dir", "runs/cli", "--scheduler-replicas", "2"],
         cwd=workdir,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -190,3 +192,41 @@ def test_cli_pulls_an_adapter_that_loads_in_peft(workdir: Path, tiny_model_dir: 
     assert torch.isfinite(tuned).all()
     assert (tuned - untuned).abs().max().item() > 1e-6
     shutil.rmtree(path)
+
+
+def test_cli_follows_the_new_scheduler_leader_and_up_restarts_the_old_one(workdir: Path) -> None:
+    manifest_path = workdir / "runs" / "cli" / "cluster.json"
+    before = json.loads(manifest_path.read_text())
+    replicas = sorted(n for n, e in before.items() if e["service"] == "scheduler")
+    assert replicas == ["scheduler", "scheduler-1"], before
+    (workdir / "spec.toml").write_text(SPEC_TOML)
+    cli_json(workdir, "submit", "--spec", "spec.toml", "--id", "cli-failover")
+    deadline = time.monotonic() + 120
+    while int(cli_json(workdir, "get", "cli-failover").get("currentStep", 0)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+    # The leader stops cleanly (it releases its lease): the standby leads at once.
+    os.kill(before["scheduler"]["pid"], signal.SIGTERM)
+    step_at_stop = int(cli_json(workdir, "get", "cli-failover")["currentStep"])
+    deadline = time.monotonic() + 120
+    while int(cli_json(workdir, "get", "cli-failover")["currentStep"]) <= step_at_stop + 2:
+        assert time.monotonic() < deadline, (workdir / "up.log").read_text()
+        time.sleep(0.5)
+
+    # `up` started the stopped replica again, as a standby, and wrote its address.
+    deadline = time.monotonic() + 60
+    while json.loads(manifest_path.read_text())["scheduler"]["pid"] == before["scheduler"]["pid"]:
+        assert time.monotonic() < deadline, (workdir / "up.log").read_text()
+        time.sleep(0.5)
+    assert "restarting it as a standby" in (workdir / "up.log").read_text()
+    cancelled = cli_json(workdir, "cancel", "cli-failover")
+    assert cancelled["experimentId"] == "cli-failover"
+    wait_state(workdir, "cli-failover", {"EXPERIMENT_STATE_CANCELLED"}, 60)
+    # Every step once, across the change of leader.
+    events = [
+        json.loads(line)
+        for line in run_cli(workdir, "watch", "cli-failover", "--json").stdout.splitlines()
+    ]
+    steps = [int(e["step"]["step"]) for e in events if "step" in e]
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] > step_at_stop

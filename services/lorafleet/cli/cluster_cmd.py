@@ -12,8 +12,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.cluster.local import ClusterError, LocalCluster
-from lorafleet.cluster.topology import start_local_mesh
+from lorafleet.cluster.local import ClusterError, LocalCluster, health_status
+from lorafleet.cluster.topology import SCHEDULER_SERVICE, scheduler_replicas, start_local_mesh
 from lorafleet.core.logging import configure_logging
 
 console = Console(stderr=True)
@@ -28,9 +28,15 @@ def _health_table(cluster: LocalCluster) -> Table:
     for column in ("service", "address", "pid", "health", "log"):
         table.add_column(column)
     health = cluster.health()
+    replicas = scheduler_replicas(cluster)
     for name, running in cluster.services.items():
         status = health[name]
         colour = "green" if status == "SERVING" else "red"
+        if len(replicas) > 1 and name in replicas and running.process.poll() is None:
+            # Replicas: alive, and which one leads.
+            leads = health_status(running.address, SCHEDULER_SERVICE) == "SERVING"
+            status = f"{health_status(running.address)} ({'leader' if leads else 'standby'})"
+            colour = "green" if status.startswith("SERVING") else "red"
         table.add_row(
             name,
             running.address if running.port else "-",
@@ -41,13 +47,14 @@ def _health_table(cluster: LocalCluster) -> Table:
     return table
 
 
-def _start(run_dir: Path, nodes: int) -> LocalCluster:
+def _start(run_dir: Path, nodes: int, replicas: int = 1) -> LocalCluster:
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(run_dir)
-    with console.status(f"starting registry, {nodes} node(s) and scheduler in {run_dir} ..."):
+    schedulers = "scheduler" if replicas == 1 else f"{replicas} scheduler replicas"
+    with console.status(f"starting registry, {nodes} node(s) and {schedulers} in {run_dir} ..."):
         try:
-            start_local_mesh(cluster, nodes=nodes)
+            start_local_mesh(cluster, nodes=nodes, scheduler_replicas=replicas)
         except (ClusterError, KeyboardInterrupt) as exc:
             console.print(f"[red]cluster failed to start:[/red] {exc}")
             cluster.stop_all()
@@ -65,13 +72,23 @@ def _stop(cluster: LocalCluster) -> bool:
 
 
 @click.command("up")
-@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes to start.")
+@click.option(
+    "--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes to start."
+)
+@click.option(
+    "--scheduler-replicas",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Scheduler replicas: one leads, the others stand by; an exited replica is"
+    " restarted as a standby while another one serves.",
+)
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="State and logs.")
 @click.option("--check", is_flag=True, help="Start, print health, stop (exit 1 if any unhealthy).")
-def up_command(nodes: int, run_dir: Path | None, check: bool) -> None:
+def up_command(nodes: int, scheduler_replicas: int, run_dir: Path | None, check: bool) -> None:
     """Start the whole mesh as local processes; Ctrl-C stops it cleanly."""
     configure_logging("console", "warning")
-    cluster = _start(run_dir or _default_run_dir(), nodes)
+    cluster = _start(run_dir or _default_run_dir(), nodes, scheduler_replicas)
     console.print(_health_table(cluster))
     console.print(f"addresses written to {cluster.run_dir / 'cluster.json'}")
     healthy = all(status == "SERVING" for status in cluster.health().values())
@@ -87,12 +104,37 @@ def up_command(nodes: int, run_dir: Path | None, check: bool) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     while not stop["requested"]:
-        for name, status in cluster.health().items():
-            if status.startswith("EXITED"):
-                console.print(f"[red]{name} {status}[/red]; see {cluster.services[name].log_path}")
-                stop["requested"] = True
+        health = cluster.health()
+        for name, status in health.items():
+            if not status.startswith("EXITED"):
+                continue
+            if _restart_replica(cluster, name, status, health):
+                continue
+            console.print(f"[red]{name} {status}[/red]; see {cluster.services[name].log_path}")
+            stop["requested"] = True
         time.sleep(1.0)
     sys.exit(0 if _stop(cluster) else 1)
+
+
+def _restart_replica(
+    cluster: LocalCluster, name: str, status: str, health: dict[str, str]
+) -> bool:
+    """A scheduler replica exited while another one lives: that one leads (or
+    will, once the lease runs out); start the exited one again as a standby, as
+    a supervisor would. False when it was the last replica."""
+    replicas = scheduler_replicas(cluster)
+    if name not in replicas or not any(
+        not health[other].startswith("EXITED") for other in replicas if other != name
+    ):
+        return False
+    console.print(f"[yellow]{name} {status}[/yellow]; restarting it as a standby")
+    try:
+        cluster.restart(name, ready_when="")
+    except ClusterError as exc:
+        console.print(f"[red]{name} did not restart:[/red] {exc}")
+        return False
+    cluster.write_manifest()
+    return True
 
 
 DEMO_TASKS = ("count", "copy", "reverse", "sort")

@@ -31,7 +31,12 @@ def resolve_address(explicit: str | None, service: str, cluster_file: Path | Non
     entries = json.loads(manifest.read_text())
     if service not in entries:
         raise click.UsageError(f"{manifest} has no {service} entry")
-    return entries[service]["address"]
+    if service != "scheduler":
+        return entries[service]["address"]
+    # Every scheduler replica (`up --scheduler-replicas`): the client then
+    # follows whichever leads.
+    replicas = sorted(name for name, e in entries.items() if e.get("service") == service)
+    return ",".join(entries[name]["address"] for name in replicas)
 
 
 def address_options(fn):  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -213,6 +213,19 @@ class LocalCluster:
             f"{name} did not report SERVING within {timeout_s:.0f}s; last log lines:\n"
             + self.tail(name)
         )
+
+    def restart(self, name: str, *, ready_when: str | None = None) -> str:
+        """Start an exited service again under its name and settings (what a
+        supervisor does), optionally ready on another health entry; waits until
+        it serves and returns its new address."""
+        old = self.services[name]
+        if old.process.poll() is None:
+            raise ClusterError(f"{name} is still running")
+        _kill_group(old.process)  # whatever it left behind goes first
+        spec = old.spec if ready_when is None else replace(old.spec, ready_when=ready_when)
+        del self.services[name]
+        self.start(spec)
+        return self.wait_serving(name)
 
     def start_and_wait(self, spec: ServiceSpec, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> str:
         self.start(spec)

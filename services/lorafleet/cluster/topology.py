@@ -20,11 +20,15 @@ def start_local_mesh(
     slots_per_node: int = 8,
     max_rank: int = 16,
     base_model: str = "tiny",
+    scheduler_replicas: int = 1,
 ) -> dict[str, str]:
-    """Start registry, `nodes` x (trainer + rollout) and the scheduler; wait for
-    each to report SERVING. Returns name -> address."""
+    """Start registry, `nodes` x (trainer + rollout) and the scheduler (as
+    `scheduler_replicas` replicas: "scheduler" leads, "scheduler-1"... stand by);
+    wait for each to report SERVING. Returns name -> address."""
     if nodes < 1:
         raise ValueError(f"nodes must be >= 1, got {nodes}")
+    if scheduler_replicas < 1:
+        raise ValueError(f"scheduler_replicas must be >= 1, got {scheduler_replicas}")
     # The registry reads by-reference publishes only inside each node's own
     # cache directory (relative paths resolve against the run directory).
     file_roots = {f"node-{i}": f"var/node-{i}" for i in range(nodes)}
@@ -66,19 +70,24 @@ def start_local_mesh(
         }
         for index in range(nodes)
     ]
-    cluster.start_and_wait(
-        ServiceSpec(
-            "scheduler",
-            "scheduler",
-            {
-                "LORAFLEET_SCHEDULER_REGISTRY_ADDRESS": shared["REGISTRY_ADDRESS"],
-                "LORAFLEET_SCHEDULER_NODES": json.dumps(nodes_config),
-                # One replica under a fixed name: restarted, it takes its lease
-                # back at once instead of waiting out its predecessor's.
-                "LORAFLEET_SCHEDULER_REPLICA_ID": "scheduler-0",
-            },
-            ready_when=SCHEDULER_SERVICE,
-        )
-    )
+    scheduler_env = {
+        "LORAFLEET_SCHEDULER_REGISTRY_ADDRESS": shared["REGISTRY_ADDRESS"],
+        "LORAFLEET_SCHEDULER_NODES": json.dumps(nodes_config),
+    }
+    for index in range(scheduler_replicas):
+        # Fixed replica names: a replica restarted while the lease still names
+        # it takes the lease back at once instead of waiting out its own.
+        env = {**scheduler_env, "LORAFLEET_SCHEDULER_REPLICA_ID": f"scheduler-{index}"}
+        if index == 0:  # the first leads: the cluster is ready when it does
+            cluster.start_and_wait(
+                ServiceSpec("scheduler", "scheduler", env, ready_when=SCHEDULER_SERVICE)
+            )
+        else:  # the others stand by: ready when alive
+            cluster.start_and_wait(ServiceSpec(f"scheduler-{index}", "scheduler", env))
     cluster.write_manifest()
     return cluster.addresses()
+
+
+def scheduler_replicas(cluster: LocalCluster) -> list[str]:
+    """The names of the cluster's scheduler replicas, "scheduler" first."""
+    return sorted(n for n, s in cluster.services.items() if s.spec.service == "scheduler")
