@@ -215,14 +215,22 @@ class LocalCluster:
         )
 
     def restart(self, name: str, *, ready_when: str | None = None) -> str:
-        """Start an exited service again under its name and settings (what a
-        supervisor does), optionally ready on another health entry; waits until
-        it serves and returns its new address."""
+        """Start an exited service again under its name and settings, on the
+        port it had (what a supervisor does: clients given its address find it
+        again), optionally ready on another health entry. The previous run's log
+        is kept as `<name>.log.1`. Waits until it serves; returns its address."""
         old = self.services[name]
         if old.process.poll() is None:
             raise ClusterError(f"{name} is still running")
         _kill_group(old.process)  # whatever it left behind goes first
-        spec = old.spec if ready_when is None else replace(old.spec, ready_when=ready_when)
+        env = dict(old.spec.env)
+        if old.port is not None:
+            env[f"{_env_prefix(old.spec.service)}PORT"] = str(old.port)
+        spec = replace(
+            old.spec, env=env, ready_when=old.spec.ready_when if ready_when is None else ready_when
+        )
+        if old.log_path.exists():
+            old.log_path.replace(old.log_path.with_name(f"{old.log_path.name}.1"))
         del self.services[name]
         self.start(spec)
         return self.wait_serving(name)

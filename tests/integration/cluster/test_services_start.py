@@ -40,6 +40,23 @@ def test_sigterm_exits_zero(cluster):
     assert cluster.stop("environment", timeout_s=15) == 0
 
 
+def test_a_restarted_service_comes_back_on_its_port_with_its_previous_log_kept(tmp_path):
+    cluster = LocalCluster(tmp_path)
+    try:
+        address = cluster.start_and_wait(ServiceSpec("environment", "environment"), 240)
+        first_log = cluster.services["environment"].log_path.read_text()
+        cluster.kill("environment")
+        assert health_status(address) != "SERVING"
+        assert cluster.restart("environment") == address
+        assert health_status(address) == "SERVING"
+        previous = cluster.services["environment"].log_path.with_name("environment.log.1")
+        assert previous.read_text() == first_log
+        with pytest.raises(ClusterError, match="still running"):
+            cluster.restart("environment")
+    finally:
+        cluster.stop_all(timeout_s=10)
+
+
 def test_bad_config_file_fails_fast_with_a_clear_message(tmp_path):
     config = tmp_path / "scheduler.yaml"
     config.write_text("port: 0\nregistry_adress: 127.0.0.1:1\n")  # typo on purpose
