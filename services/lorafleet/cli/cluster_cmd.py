@@ -81,7 +81,7 @@ def _stop(cluster: LocalCluster) -> bool:
     default=1,
     show_default=True,
     help="Scheduler replicas: one leads, the others stand by; an exited replica is"
-    " restarted as a standby while another one serves.",
+    " restarted on its port while another one lives.",
 )
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="State and logs.")
 @click.option("--check", is_flag=True, help="Start, print health, stop (exit 1 if any unhealthy).")
@@ -119,15 +119,16 @@ def up_command(nodes: int, scheduler_replicas: int, run_dir: Path | None, check:
 def _restart_replica(
     cluster: LocalCluster, name: str, status: str, health: dict[str, str]
 ) -> bool:
-    """A scheduler replica exited while another one lives: that one leads (or
-    will, once the lease runs out); start the exited one again as a standby, as
-    a supervisor would. False when it was the last replica."""
+    """A scheduler replica exited while another one lives: start the exited one
+    again on its port, as a supervisor would. It stands by, unless it finds the
+    lease free (its clean stop released it and no replica has taken it yet) and
+    leads again. False when it was the last replica."""
     replicas = scheduler_replicas(cluster)
     if name not in replicas or not any(
         not health[other].startswith("EXITED") for other in replicas if other != name
     ):
         return False
-    console.print(f"[yellow]{name} {status}[/yellow]; restarting it as a standby")
+    console.print(f"[yellow]{name} {status}[/yellow]; restarting it on its port")
     try:
         cluster.restart(name, ready_when="")
     except ClusterError as exc:
