@@ -38,6 +38,7 @@ from lorafleet.api.trainer.v1 import trainer_pb2 as pb
 from lorafleet.api.trainer.v1 import trainer_pb2_grpc
 from lorafleet.client._base import AsyncServiceClient, SyncBridge
 from lorafleet.client.registry import parse_selector
+from lorafleet.trainer.fencing import stamp
 
 # Training is a data-plane call: a fused pass over a big batch on a busy node,
 # behind other adapters' passes, takes far longer than a control-plane call.
@@ -111,8 +112,7 @@ class AsyncTrainerClient(AsyncServiceClient):
         self.fencing_token = fencing_token
 
     async def _unary(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
-        if "fencing_token" in request.DESCRIPTOR.fields_by_name:
-            request.fencing_token = self.fencing_token
+        stamp(request, self.fencing_token)
         return await super()._unary(method, request, timeout_s)
 
     # adapters

@@ -53,6 +53,7 @@ from lorafleet.scheduler.nodes import NodeHandle, NodeRpc
 from lorafleet.scheduler.spec import DEFAULT_LOGPROB_GAP_EVERY
 from lorafleet.scheduler.store import SchedulerStore
 from lorafleet.scheduler.types import Checkpoint, ExperimentRecord
+from lorafleet.trainer.fencing import stamp
 
 log = structlog.get_logger(__name__)
 
@@ -155,8 +156,7 @@ class ExperimentRunner:
 
     async def _trainer(self, method: str, request, timeout_s: float | None = None):  # type: ignore[no-untyped-def]
         stub = getattr(self.node.trainer_stub, method)
-        if "fencing_token" in request.DESCRIPTOR.fields_by_name:
-            request.fencing_token = self.settings.fencing_token
+        stamp(request, self.settings.fencing_token)
         return await self.node.trainer.call(
             stub, request, timeout_s or self.settings.train_timeout_s
         )

@@ -31,11 +31,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from google.protobuf.message import Message
+
 from lorafleet.core.errors import FailedPrecondition
 
 
 class StaleFencingToken(FailedPrecondition):
     reason = "STALE_FENCING_TOKEN"
+
+
+def stamp(request: Message, token: int) -> None:
+    """Set `token` on a trainer request that changes an adapter (the ones with a
+    `fencing_token` field); reads have none and are left as they are."""
+    if "fencing_token" in request.DESCRIPTOR.fields_by_name:
+        request.fencing_token = token  # type: ignore[attr-defined]
 
 
 @dataclass

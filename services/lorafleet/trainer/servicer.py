@@ -543,7 +543,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             process_memory_bytes=await asyncio.to_thread(process_memory_bytes),
         )
 
-
     def _adapter_info(self, info: Any) -> pb.AdapterInfo:
         message = convert.adapter_info_to_pb(info)
         message.fencing_token = self.fences.highest(message.adapter_id)
