@@ -22,6 +22,7 @@ from lorafleet.core.config import ConfigError
 from lorafleet.core.idempotency import InMemoryIdempotencyStore
 from lorafleet.trainer import metrics as trainer_metrics
 from lorafleet.trainer.config import TrainerSettings, usable_cores
+from lorafleet.trainer.fencing import FENCE_JOURNAL_NAME, AdapterFences, FenceJournal
 from lorafleet.trainer.servicer import TrainerServicer, servicer_binding
 from lorafleet.trainer.storage import AdapterCache, StateStore
 
@@ -117,6 +118,8 @@ async def build_runtime(settings: TrainerSettings) -> TrainerRuntime:
         ),
         node_id=settings.node_id,
         base_model_name=base_model_name,
+        # Beside the state checkpoints: where a restarted trainer finds them.
+        fences=AdapterFences(FenceJournal(settings.state_path / FENCE_JOURNAL_NAME)),
     )
     app = ServiceApp(bindings=[servicer_binding(servicer)])
     app.on_shutdown.append(queue.close)

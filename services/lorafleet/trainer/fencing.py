@@ -19,21 +19,34 @@ highest token seen, and:
   themselves and take no part in fencing.
 
 The highest token outlives the adapter (DropAdapter), so a stale caller cannot
-re-create what the new owner dropped. It is kept in memory: a restarted trainer
-has no adapters either, and the new owner's next call sets the token again.
+re-create what the new owner dropped, and it outlives the process: each raise is
+appended to a journal (:class:`FenceJournal`, next to the state checkpoints)
+before the call runs, and a restarted trainer reads it back. Without it, a
+deposed leader that reached the restarted trainer before the new leader would
+be taken for the owner until the new leader's next call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import structlog
 from google.protobuf.message import Message
 
 from lorafleet.core.errors import FailedPrecondition
+
+log = structlog.get_logger(__name__)
+
+# In the trainer's state directory; not an adapter id (ids have no dots), so it
+# cannot collide with an adapter's checkpoint directory.
+FENCE_JOURNAL_NAME = "fencing-tokens.jsonl"
 
 
 class StaleFencingToken(FailedPrecondition):
@@ -50,15 +63,73 @@ def stamp(request: Message, token: int) -> None:
 @dataclass
 class _Fence:
     highest: int = 0
+    recorded: int = 0  # the highest token in the journal (with one)
+    recording: asyncio.Lock = field(default_factory=asyncio.Lock)
     in_flight: Counter[int] = field(default_factory=Counter)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
-class AdapterFences:
-    """The highest fencing token per adapter id, and the calls holding each."""
+class FenceJournal:
+    """The highest fencing token per adapter id, on disk: one JSON line per raise.
 
-    def __init__(self) -> None:
+    Appending costs one small synced write per adapter per change of scheduler
+    leader, which is rare. Reading takes the highest token per adapter and
+    rewrites the file with one line each, so it holds one line per adapter ever
+    fenced plus the raises since the last start. A torn last line (a crash
+    mid-append) is skipped: its call had not started.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> dict[str, int]:
+        highest: dict[str, int] = {}
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return highest
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                adapter_id, token = str(entry["adapter_id"]), int(entry["token"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("fencing_journal_line_skipped", path=str(self.path), line=number)
+                continue
+            highest[adapter_id] = max(token, highest.get(adapter_id, 0))
+        self._rewrite(highest)
+        return highest
+
+    def append(self, adapter_id: str, token: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"adapter_id": adapter_id, "token": token}) + "\n"
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
+
+    def _rewrite(self, highest: dict[str, int]) -> None:
+        staging = self.path.with_name(self.path.name + ".tmp")
+        with staging.open("w", encoding="utf-8") as out:
+            for adapter_id, token in sorted(highest.items()):
+                out.write(json.dumps({"adapter_id": adapter_id, "token": token}) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(staging, self.path)
+
+
+class AdapterFences:
+    """The highest fencing token per adapter id, and the calls holding each.
+
+    With a journal, the tokens of an earlier run of the trainer are read back,
+    and every raise is on disk before the call that raised it runs.
+    """
+
+    def __init__(self, journal: FenceJournal | None = None) -> None:
+        self._journal = journal
         self._fences: dict[str, _Fence] = {}
+        if journal is not None:
+            for adapter_id, token in journal.read().items():
+                self._fences[adapter_id] = _Fence(highest=token, recorded=token)
 
     def highest(self, adapter_id: str) -> int:
         fence = self._fences.get(adapter_id)
@@ -74,14 +145,15 @@ class AdapterFences:
         fence = self._fences.setdefault(adapter_id, _Fence())
         self._check(adapter_id, fence, token)
         if token > fence.highest:
-            fence.highest = token
+            fence.highest = token  # from here on, older owners are refused
+        if self._journal is not None and fence.recorded < token:
+            await self._record(adapter_id, fence, token)
+        if any(t < token for t in fence.in_flight):
             async with fence.changed:
                 # Calls of older owners already running finish first; the new
                 # ones are refused by the check above from now on.
-                await fence.changed.wait_for(
-                    lambda: not any(n for t, n in fence.in_flight.items() if t < token)
-                )
-            self._check(adapter_id, fence, token)  # a newer owner came while we waited
+                await fence.changed.wait_for(lambda: not any(t < token for t in fence.in_flight))
+        self._check(adapter_id, fence, token)  # a newer owner came while we waited
         fence.in_flight[token] += 1
         try:
             yield
@@ -91,6 +163,16 @@ class AdapterFences:
                 del fence.in_flight[token]
             async with fence.changed:
                 fence.changed.notify_all()
+
+    async def _record(self, adapter_id: str, fence: _Fence, token: int) -> None:
+        """Put `token` in the journal before any call of it runs; concurrent
+        calls of the same token wait for the one write (and if it fails, the
+        next of them tries again)."""
+        assert self._journal is not None
+        async with fence.recording:
+            if fence.recorded < token:
+                await asyncio.to_thread(self._journal.append, adapter_id, token)
+                fence.recorded = token
 
     @staticmethod
     def _check(adapter_id: str, fence: _Fence, token: int) -> None:

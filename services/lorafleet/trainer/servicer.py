@@ -167,6 +167,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         *,
         node_id: str = "",
         base_model_name: str = "",
+        fences: AdapterFences | None = None,
     ) -> None:
         self.engine = engine
         self.queue = queue
@@ -182,7 +183,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         # SaveVersion of one registry adapter: one at a time, so two calls never
         # race for the same v<N> directory.
         self._publish_locks: dict[str, asyncio.Lock] = {}
-        self.fences = AdapterFences()
+        self.fences = fences if fences is not None else AdapterFences()
 
     async def _once(
         self, method: str, request: Message, fn: Callable[[], Awaitable[R]], response_type: type[R]

@@ -9,7 +9,9 @@ Layout (all under directories from the settings, made absolute at start):
 - ``<state_dir>/<adapter_id>/step-<step>-<sha256 prefix>.safetensors`` — SaveState
   checkpoints (adapter weights + AdamW moments + step + spec + optimizer config),
   written to a temp file and renamed; their bytes are deterministic, so the same
-  state always lands at the same name with the same digest.
+  state always lands at the same name with the same digest;
+- ``<state_dir>/fencing-tokens.jsonl`` — the highest fencing token per adapter
+  (``trainer/fencing.py``), read back at start.
 
 Torch-free: this module only moves bytes and files.
 """

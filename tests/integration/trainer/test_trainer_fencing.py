@@ -1,14 +1,15 @@
 """A real trainer (and registry) on gRPC refuses a deposed owner's calls: once a
 call with a higher fencing token has reached an adapter, every state-changing
 call with a lower one fails FAILED_PRECONDITION STALE_FENCING_TOKEN and changes
-nothing; replays of answered calls and unfenced callers are not affected."""
+nothing; replays of answered calls and unfenced callers are not affected; a
+restarted trainer still refuses the deposed owner."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-from trainer_harness import random_samples, trainer_beside_registry
+from trainer_harness import random_samples, start_trainer, trainer_beside_registry
 
 from lorafleet.client.trainer import AsyncTrainerClient
 from lorafleet.core.errors import FailedPrecondition, NotFound
@@ -89,3 +90,28 @@ async def test_unfenced_callers_and_other_adapters_are_not_affected(mesh):
     assert (await trainer.client.adapter_info("other")).fencing_token == 7
     with pytest.raises(NotFound):  # fencing does not hide the usual errors
         await new.train_step("missing", random_samples(rng, 2))
+
+
+async def test_a_restarted_trainer_refuses_the_deposed_owner_calling_first(mesh):
+    trainer, _registry, old, new = mesh
+    await old.create_adapter("exp", lora=LORA, seed=1)
+    await new.save_state("exp")  # the new owner takes "exp" over: token 8
+    await trainer.stop()
+
+    # Same settings, same state directory: the node's trainer after a restart.
+    # Its adapters are gone; the deposed owner (token 7) reaches it first.
+    restarted = await start_trainer(trainer.settings)
+    old_again = AsyncTrainerClient(restarted.address, fencing_token=7)
+    new_again = AsyncTrainerClient(restarted.address, fencing_token=8)
+    try:
+        assert await restarted.client.adapter_info("exp") is None
+        await stale(old_again.create_adapter("exp", lora=LORA, seed=1))
+        assert await restarted.client.adapter_info("exp") is None
+        created = await new_again.create_adapter("exp", lora=LORA, seed=1)
+        assert created.fencing_token == 8
+        # Adapters the deposed owner never lost stay its own.
+        assert (await old_again.create_adapter("fresh", lora=LORA, seed=1)).fencing_token == 7
+    finally:
+        await old_again.close()
+        await new_again.close()
+        await restarted.stop()

@@ -53,8 +53,13 @@ class RunningTrainer:
     runtime: TrainerRuntime
     server: grpc.aio.Server
     client: AsyncTrainerClient
+    stopped: bool = False
 
     async def stop(self) -> None:
+        """Stop the server and the runtime; once (a test may stop it early)."""
+        if self.stopped:
+            return
+        self.stopped = True
         await self.client.close()
         await self.server.stop(grace=None)
         await self.runtime.app.shutdown()
