@@ -52,6 +52,7 @@ PROFILES = [(), ("gpu",), ("monitoring",), ("gpu", "monitoring")]
 LORAFLEET_SERVICES = {
     "registry": "registry",
     "scheduler": "scheduler",
+    "scheduler-1": "scheduler",
     "trainer": "trainer",
     "rollout": "rollout",
     "trainer-gpu": "trainer",
@@ -300,8 +301,39 @@ def test_node_pairing_by_reference(services: dict[str, dict[str, Any]]) -> None:
         )
 
 
-def test_scheduler_nodes_point_at_the_node_services(services: dict[str, dict[str, Any]]) -> None:
-    scheduler = settings_of("scheduler", services["scheduler"])
+SCHEDULERS = sorted(name for name, kind in LORAFLEET_SERVICES.items() if kind == "scheduler")
+
+
+def test_scheduler_replicas_differ_only_in_their_names(services: dict[str, dict[str, Any]]) -> None:
+    """One leader and a standby over one database: the same settings but a
+    replica id each (a restarted container takes its own lease back) and an
+    address the other containers resolve, advertised as the leader's."""
+    assert len(SCHEDULERS) >= 2
+    replicas = {name: settings_of(name, services[name]) for name in SCHEDULERS}
+    naming = {"replica_id", "advertise_address"}
+    shared = [s.model_dump(exclude=naming) for s in replicas.values()]
+    assert all(each == shared[0] for each in shared)
+    assert len({s.replica_id for s in replicas.values()}) == len(replicas)
+    for name, settings in replicas.items():
+        assert settings.advertise_address == f"{name}:{settings.port}"
+    published = [port.split(":")[1] for name in SCHEDULERS for port in services[name]["ports"]]
+    assert len(set(published)) == len(published) == len(SCHEDULERS)
+    # The header's client line names every replica's published port, so the
+    # CLI it shows follows the leader.
+    header = re.search(r"LORAFLEET_SCHEDULER=(\S+)", COMPOSE_FILE.read_text())
+    assert header and header.group(1).split(",") == [f"127.0.0.1:{p}" for p in published]
+    # Whatever waits for the scheduler waits for every replica.
+    for name, service in services.items():
+        depends = set(service.get("depends_on") or {})
+        if depends & set(SCHEDULERS):
+            assert depends >= set(SCHEDULERS), name
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_scheduler_nodes_point_at_the_node_services(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    scheduler = settings_of(name, services[name])
     assert scheduler.registry_address == "registry:50051"
     assert host_port(scheduler.registry_address)[1] == image_ports()["registry"][0]
     nodes = {}
@@ -327,7 +359,7 @@ def test_databases_are_the_postgres_service_and_exist(services: dict[str, dict[s
     created = set(
         re.findall(r"CREATE DATABASE (\w+)", (REPO / "deploy/postgres/initdb.sql").read_text())
     )
-    for name in ("registry", "scheduler"):
+    for name in ("registry", *SCHEDULERS):
         url = settings_of(name, services[name]).database_url
         match = re.fullmatch(r"postgresql\+asyncpg://lorafleet:[^@]+@postgres:5432/(\w+)", url)
         assert match, url
