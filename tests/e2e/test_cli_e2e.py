@@ -4,7 +4,9 @@ loads in peft.
 
 Every command is a real subprocess of the installed `lorafleet` entry point; the
 cluster address comes from the `runs/*/cluster.json` that `up` wrote in the
-working directory, exactly as in the README.
+working directory, exactly as in the README. The cluster runs `up --tls`: every
+connection of the mesh (scheduler replicas, registry, trainer, rollout, CLI) is
+mutual TLS, and a client without the cluster's certificate gets nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from lorafleet.client.registry import RegistryClient
 from lorafleet.client.trainer import TrainerClient
+from lorafleet.core.errors import Unavailable
+from lorafleet.core.tls import ClientTls
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -48,9 +53,17 @@ max_steps = 1000
 # before the test's `pause` (each CLI call is a new Python process) arrived.
 
 
-def run_cli(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_SCHEDULER")}
-    env.pop("LORAFLEET_REGISTRY", None)
+def run_cli(
+    workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    # What the developer's shell may hold must not choose the cluster or its TLS.
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LORAFLEET_SCHEDULER", "LORAFLEET_TLS_"))
+    }
+    base.pop("LORAFLEET_REGISTRY", None)
+    env = {**base, **(env or {})}
     result = subprocess.run(
         [LORAFLEET, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=180
     )
@@ -71,7 +84,7 @@ def workdir(tmp_path_factory, tiny_model_dir):
     # Two scheduler replicas: every command finds both in cluster.json and
     # talks to whichever leads (the last test stops the leader).
     up = subprocess.Popen(
-        [LORAFLEET, "up", "--run-dir", "runs/cli", "--scheduler-replicas", "2"],
+        [LORAFLEET, "up", "--run-dir", "runs/cli", "--scheduler-replicas", "2", "--tls"],
         cwd=workdir,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -89,13 +102,22 @@ def workdir(tmp_path_factory, tiny_model_dir):
     log.close()
 
 
+def manifest_of(workdir: Path) -> dict:
+    return json.loads((workdir / "runs" / "cli" / "cluster.json").read_text())
+
+
+def cluster_tls(entry: dict) -> ClientTls:
+    files = entry["tls"]
+    return ClientTls(Path(files["ca_file"]), Path(files["cert_file"]), Path(files["key_file"]))
+
+
 def trainer_adapters(workdir: Path) -> list[str]:
     """Adapter ids held by every trainer of the cluster `up` started."""
-    manifest = json.loads((workdir / "runs" / "cli" / "cluster.json").read_text())
+    manifest = manifest_of(workdir)
     held = []
     for entry in manifest.values():
         if entry["service"] == "trainer":
-            with TrainerClient(entry["address"]) as trainer:
+            with TrainerClient(entry["address"], tls=cluster_tls(entry)) as trainer:
                 held += [a.adapter_id for a in trainer.status().adapters]
     assert any(e["service"] == "trainer" for e in manifest.values()), manifest
     return held
@@ -165,6 +187,29 @@ def test_cli_drives_an_experiment_through_its_lifecycle(workdir: Path) -> None:
     assert gapped == [s for s in steps if s == 1 or s % 10 == 0]
     # The human view renders the same run as a table.
     assert "cli-count" in run_cli(workdir, "watch", "cli-count").stdout
+
+
+def test_a_client_without_the_clusters_certificate_gets_nothing(workdir: Path) -> None:
+    registry = manifest_of(workdir)["registry"]
+    address, tls = registry["address"], cluster_tls(registry)
+    assert tls.ca_file.parent == workdir / "runs" / "cli" / "tls"
+    with RegistryClient(address, tls=tls) as client:  # the cluster's own files
+        client.list_adapters()
+    for refused in (None, ClientTls(tls.ca_file)):  # plaintext; TLS without a certificate
+        with RegistryClient(address, tls=refused) as client, pytest.raises(Unavailable):
+            client.list_adapters()
+
+    # The CLI given the address alone: a non-zero exit that says what to set.
+    plain = run_cli(workdir, "adapters", "ls", "--registry", address, check=False)
+    assert plain.returncode == 1
+    assert "LORAFLEET_TLS_CA_FILE" in plain.stdout, plain.stdout
+    env = {
+        "LORAFLEET_TLS_CA_FILE": str(tls.ca_file),
+        "LORAFLEET_TLS_CERT_FILE": str(tls.cert_file),
+        "LORAFLEET_TLS_KEY_FILE": str(tls.key_file),
+    }
+    listed = run_cli(workdir, "adapters", "ls", "--registry", address, "--json", env=env)
+    assert isinstance(json.loads(listed.stdout), list)
 
 
 def test_cli_pulls_an_adapter_that_loads_in_peft(workdir: Path, tiny_model_dir: Path) -> None:

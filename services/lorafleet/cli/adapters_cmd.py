@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorafleet.api.registry.v1 import registry_pb2 as pb
+from lorafleet.cli.failures import fail
 from lorafleet.cli.targets import address_options, resolve_address
 from lorafleet.client.registry import RegistryClient, parse_selector
 from lorafleet.core.errors import LorafleetError
@@ -25,8 +25,7 @@ def _client(options: dict[str, Any]) -> RegistryClient:
 
 
 def _fail(err: LorafleetError) -> None:
-    console.print(f"[red]error[/red] {err.code.name} {err.reason}: {err.message}")
-    sys.exit(1)
+    fail(console, err)
 
 
 @click.group("adapters")

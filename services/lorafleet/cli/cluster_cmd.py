@@ -12,9 +12,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.cluster.local import ClusterError, LocalCluster, health_status
+from lorafleet.cluster.local import ClusterError, LocalCluster
 from lorafleet.cluster.topology import SCHEDULER_SERVICE, scheduler_replicas, start_local_mesh
 from lorafleet.core.logging import configure_logging
+from lorafleet.core.tls_certs import write_mesh_certs
 
 console = Console(stderr=True)
 
@@ -34,8 +35,8 @@ def _health_table(cluster: LocalCluster) -> Table:
         colour = "green" if status == "SERVING" else "red"
         if len(replicas) > 1 and name in replicas and running.process.poll() is None:
             # Replicas: alive, and which one leads.
-            leads = health_status(running.address, SCHEDULER_SERVICE) == "SERVING"
-            status = f"{health_status(running.address)} ({'leader' if leads else 'standby'})"
+            leads = cluster.health_of(running.address, SCHEDULER_SERVICE) == "SERVING"
+            status = f"{cluster.health_of(running.address)} ({'leader' if leads else 'standby'})"
             colour = "green" if status.startswith("SERVING") else "red"
         table.add_row(
             name,
@@ -47,10 +48,11 @@ def _health_table(cluster: LocalCluster) -> Table:
     return table
 
 
-def _start(run_dir: Path, nodes: int, replicas: int = 1) -> LocalCluster:
+def _start(run_dir: Path, nodes: int, replicas: int = 1, tls: bool = False) -> LocalCluster:
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(run_dir)
+    certs = write_mesh_certs(run_dir / "tls") if tls else None
+    cluster = LocalCluster(run_dir, tls=certs)
     schedulers = "scheduler" if replicas == 1 else f"{replicas} scheduler replicas"
     with console.status(f"starting registry, {nodes} node(s) and {schedulers} in {run_dir} ..."):
         try:
@@ -84,13 +86,27 @@ def _stop(cluster: LocalCluster) -> bool:
     " restarted on its port while another one lives.",
 )
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="State and logs.")
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Mutual TLS on every connection, with a throwaway CA and certificate written"
+    " under the run directory (tls/); CLI commands find them through cluster.json.",
+)
 @click.option("--check", is_flag=True, help="Start, print health, stop (exit 1 if any unhealthy).")
-def up_command(nodes: int, scheduler_replicas: int, run_dir: Path | None, check: bool) -> None:
+def up_command(
+    nodes: int, scheduler_replicas: int, run_dir: Path | None, tls: bool, check: bool
+) -> None:
     """Start the whole mesh as local processes; Ctrl-C stops it cleanly."""
     configure_logging("console", "warning")
-    cluster = _start(run_dir or _default_run_dir(), nodes, scheduler_replicas)
+    cluster = _start(run_dir or _default_run_dir(), nodes, scheduler_replicas, tls)
     console.print(_health_table(cluster))
     console.print(f"addresses written to {cluster.run_dir / 'cluster.json'}")
+    if cluster.client_tls is not None:
+        env = " ".join(f"{k}={v}" for k, v in sorted(cluster.client_tls.as_env().items()))
+        console.print(
+            "mutual TLS on every connection; CLI commands here read the files from"
+            f" cluster.json; other clients: {env}"
+        )
     healthy = all(status == "SERVING" for status in cluster.health().values())
     if check:
         clean = _stop(cluster)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from rich.live import Live
 from rich.table import Table
 
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
+from lorafleet.cli.failures import fail
 from lorafleet.cli.targets import address_options, resolve_address
 from lorafleet.client.scheduler import SchedulerClient, builtin_spec
 from lorafleet.core.errors import LorafleetError
@@ -30,8 +30,7 @@ def _client(options: dict[str, Any]) -> SchedulerClient:
 
 
 def _fail(err: LorafleetError) -> None:
-    console.print(f"[red]error[/red] {err.code.name} {err.reason}: {err.message}")
-    sys.exit(1)
+    fail(console, err)
 
 
 def _state(state: int) -> str:

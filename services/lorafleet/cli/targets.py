@@ -3,15 +3,20 @@
 Order: an explicit `--scheduler/--registry` flag or its environment variable
 (`LORAFLEET_SCHEDULER`, `LORAFLEET_REGISTRY`), else the `cluster.json` that
 `lorafleet up` wrote (`--cluster-file` / `LORAFLEET_CLUSTER_FILE`, else the
-newest `runs/*/cluster.json` under the current directory).
+newest `runs/*/cluster.json` under the current directory). A cluster started
+with `lorafleet up --tls` is called with the certificate files its
+`cluster.json` names; `LORAFLEET_TLS_*` (`lorafleet.core.tls`) otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
+
+from lorafleet.core.tls import ENV_PREFIX, ClientTls, configure_client_tls
 
 
 def _newest_manifest() -> Path | None:
@@ -31,12 +36,28 @@ def resolve_address(explicit: str | None, service: str, cluster_file: Path | Non
     entries = json.loads(manifest.read_text())
     if service not in entries:
         raise click.UsageError(f"{manifest} has no {service} entry")
+    _adopt_cluster_tls(entries[service])
     if service != "scheduler":
         return entries[service]["address"]
     # Every scheduler replica (`up --scheduler-replicas`): the client then
     # follows whichever leads.
     replicas = sorted(name for name, e in entries.items() if e.get("service") == service)
     return ",".join(entries[name]["address"] for name in replicas)
+
+
+def _adopt_cluster_tls(entry: dict[str, object]) -> None:
+    """A cluster started with `up --tls` names its certificate files: this
+    process calls it with them, unless LORAFLEET_TLS_CA_FILE says otherwise."""
+    files = entry.get("tls")
+    if not isinstance(files, dict) or os.environ.get(f"{ENV_PREFIX}CA_FILE"):
+        return
+    configure_client_tls(
+        ClientTls(
+            ca_file=Path(files["ca_file"]),
+            cert_file=Path(files["cert_file"]),
+            key_file=Path(files["key_file"]),
+        )
+    )
 
 
 def address_options(fn):  # type: ignore[no-untyped-def]

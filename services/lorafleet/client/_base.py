@@ -20,11 +20,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorafleet.core.channel import (
     DEFAULT_TIMEOUT_S,
+    PROCESS_DEFAULT,
     is_replica_set,
     make_channel,
     replica_target,
+    replica_tls,
+    resolve_client_tls,
 )
 from lorafleet.core.errors import error_from_rpc
+from lorafleet.core.tls import ClientTls
 
 T = TypeVar("T")
 
@@ -45,7 +49,10 @@ class AsyncServiceClient:
         target: str | grpc.aio.Channel,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        tls: ClientTls | None | object = PROCESS_DEFAULT,
     ) -> None:
+        """`tls`: a `ClientTls` to call over TLS, None for plaintext; by default
+        as the process does (``LORAFLEET_TLS_*``, see ``lorafleet.core.tls``)."""
         self._owns_channel = isinstance(target, str)
         self.follows_leader = bool(
             isinstance(target, str) and self.LEADER_HEALTH_SERVICE and is_replica_set(target)
@@ -54,10 +61,12 @@ class AsyncServiceClient:
             self.channel: grpc.aio.Channel = target
         elif self.follows_leader:
             self.channel = make_channel(
-                replica_target(target), health_service=self.LEADER_HEALTH_SERVICE
+                replica_target(target),
+                health_service=self.LEADER_HEALTH_SERVICE,
+                tls=replica_tls(target, resolve_client_tls(tls)),
             )
         else:
-            self.channel = make_channel(target)
+            self.channel = make_channel(target, tls=tls)
         self.timeout_s = timeout_s
         self._health = health_pb2_grpc.HealthStub(self.channel)
 

@@ -29,7 +29,9 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lorafleet.core.channel import make_sync_channel
+from lorafleet.core.channel import PROCESS_DEFAULT, make_sync_channel
+from lorafleet.core.tls import ClientTls
+from lorafleet.core.tls_certs import MeshCerts
 
 log = structlog.get_logger(__name__)
 
@@ -100,9 +102,15 @@ def read_bound_port(log_path: Path) -> int | None:
     return None
 
 
-def health_status(address: str, service: str = "", timeout_s: float = 2.0) -> str:
-    """grpc.health.v1 status name of `service` at `address`, or the error code name."""
-    with make_sync_channel(address, retry=False) as channel:
+def health_status(
+    address: str,
+    service: str = "",
+    timeout_s: float = 2.0,
+    tls: ClientTls | None | object = PROCESS_DEFAULT,
+) -> str:
+    """grpc.health.v1 status name of `service` at `address`, or the error code
+    name; over TLS as `tls` says (by default as the process does)."""
+    with make_sync_channel(address, retry=False, tls=tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
@@ -127,8 +135,12 @@ class LocalCluster:
         *,
         python: str = sys.executable,
         service_env: Mapping[str, Mapping[str, str]] | None = None,
+        tls: MeshCerts | None = None,
     ) -> None:
+        """`tls`: every service serves mutual TLS with these files and calls the
+        others with them; so do this object's own health checks."""
         self.run_dir = Path(run_dir)
+        self.tls = tls
         self.log_dir = self.run_dir / "logs"
         self.python = python
         # Settings for every process of a service kind ("trainer": {...}), under
@@ -169,6 +181,7 @@ class LocalCluster:
             **os.environ,
             f"{prefix}LOG_FORMAT": "json",
             f"{prefix}PORT": "0",
+            **self._tls_env(prefix),
             **self.service_env.get(spec.service, {}),
             **spec.env,
         }
@@ -189,6 +202,27 @@ class LocalCluster:
         log.info("service_launched", service=spec.name, pid=process.pid, log=str(log_path))
         return running
 
+    @property
+    def client_tls(self) -> ClientTls | None:
+        """How a client reaches this cluster's services (None: plaintext)."""
+        if self.tls is None:
+            return None
+        return ClientTls(self.tls.ca_file, self.tls.cert_file, self.tls.key_file)
+
+    def _tls_env(self, prefix: str) -> dict[str, str]:
+        if self.tls is None:
+            return {}
+        return {
+            f"{prefix}TLS_CERT_FILE": str(self.tls.cert_file),
+            f"{prefix}TLS_KEY_FILE": str(self.tls.key_file),
+            f"{prefix}TLS_CA_FILE": str(self.tls.ca_file),
+            f"{prefix}TLS_REQUIRE_CLIENT_CERT": "true",
+        }
+
+    def health_of(self, address: str, service: str = "") -> str:
+        """`health_status` through this cluster's transport."""
+        return health_status(address, service, tls=self.client_tls)
+
     def wait_serving(self, name: str, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> str:
         """Wait until `name` logged its port and reports SERVING; return its address."""
         running = self.services[name]
@@ -204,7 +238,7 @@ class LocalCluster:
                 running.port = read_bound_port(running.log_path)
             if (
                 running.port is not None
-                and health_status(running.address, running.spec.ready_when) == "SERVING"
+                and self.health_of(running.address, running.spec.ready_when) == "SERVING"
             ):
                 log.info("service_serving", service=name, address=running.address)
                 return running.address
@@ -254,7 +288,7 @@ class LocalCluster:
             elif running.port is None:
                 out[name] = "STARTING"
             else:
-                out[name] = health_status(running.address, running.spec.ready_when)
+                out[name] = self.health_of(running.address, running.spec.ready_when)
         return out
 
     def write_manifest(self) -> Path:
@@ -266,11 +300,20 @@ class LocalCluster:
                 "address": s.address,
                 "pid": s.process.pid,
                 "log": str(s.log_path),
+                **({"tls": self._tls_manifest()} if self.tls is not None else {}),
             }
             for name, s in self.services.items()
         }
         path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return path
+
+    def _tls_manifest(self) -> dict[str, str]:
+        assert self.tls is not None
+        return {
+            "ca_file": str(self.tls.ca_file),
+            "cert_file": str(self.tls.cert_file),
+            "key_file": str(self.tls.key_file),
+        }
 
     def stop(self, name: str, timeout_s: float = 30.0) -> int:
         """SIGTERM, wait up to `timeout_s`, then SIGKILL. Returns the exit code."""

@@ -23,6 +23,7 @@ from grpc_health.v1.health import aio as health_aio
 from lorafleet.core.config import ServiceSettings
 from lorafleet.core.errors import unimplemented
 from lorafleet.core.server import ServiceBinding, serve
+from lorafleet.core.tls import configure_client_tls
 
 S = TypeVar("S", bound=ServiceSettings)
 
@@ -46,6 +47,9 @@ class ServiceApp:
 
 
 async def serve_app(build_app: Callable[[S], Awaitable[ServiceApp]], settings: S) -> int:
+    # The service's own settings decide how its outbound calls go (TLS or not),
+    # for every client it builds, whatever LORAFLEET_TLS_* says.
+    configure_client_tls(settings.client_tls())
     app = await build_app(settings)
     code = await serve(
         app.bindings, settings, on_shutdown=app.shutdown, on_started=app.on_started

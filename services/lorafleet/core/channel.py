@@ -9,6 +9,7 @@ straight back to the caller.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -19,6 +20,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorafleet.core.errors import InvalidArgument, Unavailable
+from lorafleet.core.tls import ClientTls, default_client_tls
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +32,9 @@ DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_KEEPALIVE_TIME_MS = 30_000
 DEFAULT_KEEPALIVE_TIMEOUT_MS = 10_000
+
+# make_channel's `tls` when not given: the process's default (lorafleet.core.tls).
+PROCESS_DEFAULT = object()
 
 RETRY_POLICY = {
     "maxAttempts": 5,
@@ -101,6 +106,17 @@ def replica_target(target: str) -> str:
     return f"{scheme}:{','.join(resolved[scheme])}"
 
 
+def replica_tls(target: str, tls: ClientTls | None) -> ClientTls | None:
+    """TLS for a replica list: `replica_target` calls the replicas by address,
+    so the name verified in their certificates is the first host listed
+    (unless `tls` names one). Replicas listed together share a certificate
+    valid for that name, or the client sets ``server_name``."""
+    if tls is None or tls.server_name or "," not in target:
+        return tls
+    first = target.split(",")[0].strip().rpartition(":")[0].strip("[]")
+    return dataclasses.replace(tls, server_name=first)
+
+
 def channel_options(
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -135,19 +151,26 @@ def make_channel(
     retry: bool = True,
     interceptors: list[grpc.aio.ClientInterceptor] | None = None,
     health_service: str | None = None,
+    tls: ClientTls | None | object = PROCESS_DEFAULT,
 ) -> grpc.aio.Channel:
-    """An insecure asyncio channel to ``address`` (``host:port``, or any gRPC
-    target); with ``health_service``, calls go only to addresses where that
-    service's health is SERVING (see ``service_config``)."""
-    return grpc.aio.insecure_channel(
+    """An asyncio channel to ``address`` (``host:port``, or any gRPC target);
+    with ``health_service``, calls go only to addresses where that service's
+    health is SERVING (see ``service_config``). TLS as ``tls`` says, by default
+    as the process does (``lorafleet.core.tls``)."""
+    options = channel_options(
+        max_message_bytes=max_message_bytes,
+        keepalive_time_ms=keepalive_time_ms,
+        keepalive_timeout_ms=keepalive_timeout_ms,
+        retry=retry,
+        health_service=health_service,
+    )
+    security = resolve_client_tls(tls)
+    if security is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(
         address,
-        options=channel_options(
-            max_message_bytes=max_message_bytes,
-            keepalive_time_ms=keepalive_time_ms,
-            keepalive_timeout_ms=keepalive_timeout_ms,
-            retry=retry,
-            health_service=health_service,
-        ),
+        security.credentials(),
+        options=[*options, *security.channel_options()],
         interceptors=interceptors,
     )
 
@@ -159,17 +182,28 @@ def make_sync_channel(
     keepalive_time_ms: int = DEFAULT_KEEPALIVE_TIME_MS,
     keepalive_timeout_ms: int = DEFAULT_KEEPALIVE_TIMEOUT_MS,
     retry: bool = True,
+    tls: ClientTls | None | object = PROCESS_DEFAULT,
 ) -> grpc.Channel:
     """A blocking channel (CLI, scripts, benchmarks) with the same defaults."""
-    return grpc.insecure_channel(
-        address,
-        options=channel_options(
-            max_message_bytes=max_message_bytes,
-            keepalive_time_ms=keepalive_time_ms,
-            keepalive_timeout_ms=keepalive_timeout_ms,
-            retry=retry,
-        ),
+    options = channel_options(
+        max_message_bytes=max_message_bytes,
+        keepalive_time_ms=keepalive_time_ms,
+        keepalive_timeout_ms=keepalive_timeout_ms,
+        retry=retry,
     )
+    security = resolve_client_tls(tls)
+    if security is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(
+        address, security.credentials(), options=[*options, *security.channel_options()]
+    )
+
+
+def resolve_client_tls(tls: ClientTls | None | object) -> ClientTls | None:
+    """`tls` as given, or the process's default for PROCESS_DEFAULT."""
+    if tls is PROCESS_DEFAULT:
+        return default_client_tls()
+    return tls  # type: ignore[return-value]
 
 
 # One health check's own timeout inside `wait_for_serving`'s polling.

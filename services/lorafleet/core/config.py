@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import pydantic
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from lorafleet.core.errors import InvalidArgument
+from lorafleet.core.tls import ClientTls, ServerTls
 
 MIB = 1024 * 1024
 
@@ -103,6 +104,60 @@ class ServiceSettings(BaseSettings):
         le=65535,
         description="Port for the Prometheus metrics endpoint; None disables it.",
     )
+
+    tls_cert_file: str = Field(
+        default="",
+        description="PEM certificate chain this server presents (and this service "
+        "presents as a client where servers require one). With tls_key_file: the server "
+        "listens with TLS. Empty: plaintext.",
+    )
+    tls_key_file: str = Field(default="", description="PEM private key of tls_cert_file.")
+    tls_ca_file: str = Field(
+        default="",
+        description="PEM CA of the mesh. Set: this service's own calls (registry, nodes, "
+        "environments) use TLS and verify servers against it.",
+    )
+    tls_require_client_cert: bool = Field(
+        default=False,
+        description="Mutual TLS: refuse callers without a certificate signed by "
+        "tls_ca_file (needs tls_cert_file, tls_key_file and tls_ca_file).",
+    )
+
+    @model_validator(mode="after")
+    def _tls_files_complete(self) -> ServiceSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_require_client_cert and not (self.tls_cert_file and self.tls_ca_file):
+            raise ValueError(
+                "tls_require_client_cert needs tls_cert_file, tls_key_file and tls_ca_file"
+            )
+        for name in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
+            value = getattr(self, name)
+            if value and not Path(value).expanduser().is_file():
+                raise ValueError(f"{name} {value!r} is not a file")
+        return self
+
+    def server_tls(self) -> ServerTls | None:
+        """How this server listens: TLS when a certificate is set."""
+        if not self.tls_cert_file:
+            return None
+        return ServerTls(
+            cert_file=Path(self.tls_cert_file).expanduser(),
+            key_file=Path(self.tls_key_file).expanduser(),
+            client_ca_file=(
+                Path(self.tls_ca_file).expanduser() if self.tls_require_client_cert else None
+            ),
+        )
+
+    def client_tls(self) -> ClientTls | None:
+        """How this service's own calls go out: TLS when a CA is set."""
+        if not self.tls_ca_file:
+            return None
+        return ClientTls(
+            ca_file=Path(self.tls_ca_file).expanduser(),
+            cert_file=Path(self.tls_cert_file).expanduser() if self.tls_cert_file else None,
+            key_file=Path(self.tls_key_file).expanduser() if self.tls_key_file else None,
+        )
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

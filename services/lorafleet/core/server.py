@@ -98,8 +98,12 @@ async def create_server(
         [*(b.name for b in services), HEALTH_SERVICE_NAME, reflection.SERVICE_NAME],
         server,
     )
+    tls = settings.server_tls()
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.credentials())
     except RuntimeError:
         # grpc's own message points at GRPC_VERBOSITY; say which address clashed.
         log.error("server_bind_failed", address=address)
