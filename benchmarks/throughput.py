@@ -784,7 +784,8 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
         stack, start_s = start_stack(stacks_dir / f"stack-{plan.index}", config, progress, label)
         try:
             cold_starts.append(start_s)
-            with SchedulerClient(stack.services["scheduler"].address) as client:
+            scheduler = stack.services["scheduler"].address
+            with SchedulerClient(scheduler, tls=stack.client_tls) as client:
                 result = run_alone(client, plan, plan.experiment_id("cold"), progress, label)
                 cold.append(outcome_of("single_tenant_cold", plan, result, started_at, start_s))
                 cold_cpu.append(stack_cpu_s(stack))

@@ -188,7 +188,9 @@ def demo_command(run_dir: Path | None, steps: int, tasks: str) -> None:
     started = time.monotonic()
     ok = False
     try:
-        with SchedulerClient(cluster.services["scheduler"].address) as scheduler:
+        with SchedulerClient(
+            cluster.services["scheduler"].address, tls=cluster.client_tls
+        ) as scheduler:
             ids = [
                 scheduler.submit(
                     builtin_spec(task, max_steps=steps, seed=index, display_name=f"demo-{task}"),
