@@ -164,15 +164,10 @@ def make_channel(
         retry=retry,
         health_service=health_service,
     )
-    security = resolve_client_tls(tls)
-    if security is None:
+    credentials, options = _with_tls(options, tls)
+    if credentials is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-    return grpc.aio.secure_channel(
-        address,
-        security.credentials(),
-        options=[*options, *security.channel_options()],
-        interceptors=interceptors,
-    )
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 def make_sync_channel(
@@ -191,12 +186,20 @@ def make_sync_channel(
         keepalive_timeout_ms=keepalive_timeout_ms,
         retry=retry,
     )
+    credentials, options = _with_tls(options, tls)
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def _with_tls(
+    options: list[tuple[str, int | str]], tls: ClientTls | None | object
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, int | str]]]:
+    """A channel's credentials (None: plaintext) and its options with TLS's own."""
     security = resolve_client_tls(tls)
     if security is None:
-        return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(
-        address, security.credentials(), options=[*options, *security.channel_options()]
-    )
+        return None, options
+    return security.credentials(), [*options, *security.channel_options()]
 
 
 def resolve_client_tls(tls: ClientTls | None | object) -> ClientTls | None:
