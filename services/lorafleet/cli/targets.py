@@ -69,7 +69,11 @@ def address_options(fn):  # type: ignore[no-untyped-def]
         help="cluster.json written by `lorafleet up`.",
     )(fn)
     fn = click.option(
-        "--registry", envvar="LORAFLEET_REGISTRY", default=None, help="Registry HOST:PORT."
+        "--registry",
+        envvar="LORAFLEET_REGISTRY",
+        default=None,
+        help="Registry HOST:PORT, or several replicas', comma-separated (calls go to one"
+        " that serves).",
     )(fn)
     fn = click.option(
         "--scheduler",

@@ -36,13 +36,16 @@ T = TypeVar("T")
 class AsyncServiceClient:
     """Owns (or borrows) one channel; converts failed calls to `LorafleetError`.
 
-    A service whose replicas elect a leader names its leader's health entry in
-    `LEADER_HEALTH_SERVICE`. Given several of its replicas ("h1:p,h2:p", or a
-    "dns:///name:port" that resolves to them), the client sends every call to
-    the replica whose entry is SERVING, and while none is (a failover) calls
-    wait for one, up to their deadline."""
+    A service that may run as several replicas names, in
+    `REPLICA_HEALTH_SERVICE`, the health entry a replica reports SERVING while
+    it takes calls. Given several replicas ("h1:p,h2:p", or a "dns:///name:port"
+    that resolves to them), the client sends each call to a replica whose entry
+    is SERVING (round robin among them), and while none is, calls wait for one,
+    up to their deadline. For the scheduler only the leader's entry is SERVING,
+    so calls follow the leader through a failover; every registry replica's is,
+    so calls spread over them and go around one that stops."""
 
-    LEADER_HEALTH_SERVICE: str | None = None
+    REPLICA_HEALTH_SERVICE: str | None = None
 
     def __init__(
         self,
@@ -54,15 +57,15 @@ class AsyncServiceClient:
         """`tls`: a `ClientTls` to call over TLS, None for plaintext; by default
         as the process does (``LORAFLEET_TLS_*``, see ``lorafleet.core.tls``)."""
         self._owns_channel = isinstance(target, str)
-        self.follows_leader = bool(
-            isinstance(target, str) and self.LEADER_HEALTH_SERVICE and is_replica_set(target)
+        self.follows_replicas = bool(
+            isinstance(target, str) and self.REPLICA_HEALTH_SERVICE and is_replica_set(target)
         )
         if not isinstance(target, str):
             self.channel: grpc.aio.Channel = target
-        elif self.follows_leader:
+        elif self.follows_replicas:
             self.channel = make_channel(
                 replica_target(target),
-                health_service=self.LEADER_HEALTH_SERVICE,
+                health_service=self.REPLICA_HEALTH_SERVICE,
                 tls=replica_tls(target, resolve_client_tls(tls)),
             )
         else:
@@ -81,9 +84,10 @@ class AsyncServiceClient:
             raise error_from_rpc(exc) from exc
 
     def _wait(self) -> bool | None:
-        # Following a leader: a call made while no replica leads waits for the
-        # next leader instead of failing at once (the deadline still holds).
-        return True if self.follows_leader else None
+        # Given replicas: a call made while none serves (no scheduler leads yet,
+        # every registry restarting) waits for one instead of failing at once
+        # (the deadline still holds).
+        return True if self.follows_replicas else None
 
     async def _server_stream(
         self, method: Callable[..., Any], request: Any, timeout_s: float | None = None

@@ -80,7 +80,8 @@ WATCH_RECONNECT_S = 60.0
 
 
 class AsyncSchedulerClient(AsyncServiceClient):
-    LEADER_HEALTH_SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+    # Only the leader's is SERVING: given every replica, calls follow the leader.
+    REPLICA_HEALTH_SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 
     def __init__(self, target: Any, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)

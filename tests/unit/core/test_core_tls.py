@@ -129,13 +129,13 @@ async def test_clients_take_the_process_default_from_the_environment(certs, monk
 
 async def test_a_replica_list_verifies_the_first_host_named(certs):
     class Led(AsyncServiceClient):
-        LEADER_HEALTH_SERVICE = "lorafleet.testing.v1.EchoService"
+        REPLICA_HEALTH_SERVICE = "lorafleet.testing.v1.EchoService"
 
     async with serving(tls_settings(certs)) as one, serving(tls_settings(certs)) as two:
         target = f"localhost:{one},localhost:{two}"
         client = Led(target, timeout_s=5, tls=ClientTls(ca_file=certs.ca_file))
         try:
-            assert client.follows_leader
+            assert client.follows_replicas
             assert await client.health() == "SERVING"
         finally:
             await client.close()

@@ -145,7 +145,7 @@ async def test_a_client_given_every_replica_follows_the_leader_through_a_failove
     leader, standby = replicas
     # The standby first: the channel must route by health, not by order.
     async with AsyncSchedulerClient(f"{standby.address},{leader.address}") as client:
-        assert client.follows_leader
+        assert client.follows_replicas
         await client.submit(builtin_spec("count", max_steps=5), experiment_id="exp-1")
         events: list = []
         first_seen = asyncio.Event()
@@ -187,7 +187,7 @@ async def test_a_call_made_while_no_replica_leads_waits_for_the_next_leader(repl
 async def test_a_watch_that_cannot_open_fails_at_once(replicas):
     _leader, standby = replicas
     async with AsyncSchedulerClient(standby.address) as client:
-        assert not client.follows_leader
+        assert not client.follows_replicas
         started = asyncio.get_running_loop().time()
         with pytest.raises(Unavailable) as refused:
             async for _ in client.watch("exp-1"):
