@@ -21,21 +21,30 @@ and ``LORAFLEET_TLS_SERVER_NAME`` (the name to verify in the server's
 certificate, when it differs from the host called), or from
 :func:`configure_client_tls`.
 
-Certificates are read when a server or channel is made: rotating them means
-restarting the process.
+A server rereads its certificate, key and client CA when their files change
+(cert-manager renewing a mounted Secret, say): the next connection it accepts
+uses the new files, and connections already open keep theirs. A pair that is
+not yet valid (the certificate rewritten before its key) is refused by gRPC,
+which keeps serving the previous one until the files change again. Clients read
+their files when a channel is made: a client certificate's rotation reaches a
+process's outbound calls when it restarts.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import structlog
 
 from lorafleet.core.errors import InvalidArgument
 
 ENV_PREFIX = "LORAFLEET_TLS_"
+
+log = structlog.get_logger(__name__)
 
 
 class TlsFileError(InvalidArgument):
@@ -106,12 +115,74 @@ class ServerTls:
     client_ca_file: Path | None = None
     """Set: callers must present a certificate signed by this CA (mutual TLS)."""
 
-    def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return tuple(p for p in (self.cert_file, self.key_file, self.client_ca_file) if p)
+
+    def certificate_configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
             [(read_pem(self.key_file), read_pem(self.cert_file))],
             root_certificates=read_pem(self.client_ca_file) if self.client_ca_file else None,
-            require_client_auth=self.client_ca_file is not None,
         )
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Credentials that follow the files: see :class:`CertificateReloader`."""
+        reloader = CertificateReloader(self)
+        return grpc.dynamic_ssl_server_credentials(
+            reloader.initial(),
+            reloader,
+            require_client_authentication=self.client_ca_file is not None,
+        )
+
+
+class CertificateReloader:
+    """gRPC's certificate fetcher for a server: called before every TLS
+    handshake, it returns the files' contents when they changed since it last
+    offered them, else None (keep the current ones).
+
+    Changes are seen by the files' (mtime, size, inode), so a Secret volume's
+    symlink swap counts. A file that cannot be read is logged and retried when
+    the files change again; gRPC itself rejects a certificate and key that do
+    not match and keeps the previous pair.
+    """
+
+    def __init__(self, tls: ServerTls) -> None:
+        self._tls = tls
+        self._lock = threading.Lock()  # gRPC calls from its own threads
+        self._offered = self._signature()
+
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        return self._tls.certificate_configuration()
+
+    def _signature(self) -> tuple[tuple[int, int, int] | None, ...]:
+        marks: list[tuple[int, int, int] | None] = []
+        for path in self._tls.files:
+            try:
+                st = Path(path).stat()
+            except OSError:
+                marks.append(None)
+            else:
+                marks.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(marks)
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        # Must not raise: an exception here would surface inside gRPC's
+        # handshake path, not to anyone who could act on it.
+        try:
+            with self._lock:
+                now = self._signature()
+                if now == self._offered:
+                    return None
+                self._offered = now
+                configuration = self._tls.certificate_configuration()
+        except TlsFileError as exc:
+            log.warning("tls_reload_failed", error=str(exc), **exc.metadata)
+            return None
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.warning("tls_reload_failed", error=repr(exc))
+            return None
+        log.info("tls_certificates_reloaded", files=[str(p) for p in self._tls.files])
+        return configuration
 
 
 _UNSET = object()

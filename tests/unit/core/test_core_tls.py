@@ -141,6 +141,44 @@ async def test_a_replica_list_verifies_the_first_host_named(certs):
             await client.close()
 
 
+def _swap_in(source: Path, target: Path) -> None:
+    """Replace `target` in one step, as a Secret volume's update does."""
+    staged = target.with_suffix(".new")
+    staged.write_bytes(Path(source).read_bytes())
+    staged.replace(target)
+
+
+async def test_a_server_takes_rotated_certificates_without_restarting(certs, other_certs, tmp_path):
+    live = MeshCerts(tmp_path / "ca.pem", tmp_path / "mesh.pem", tmp_path / "mesh-key.pem")
+    for source, target in zip(
+        (certs.ca_file, certs.cert_file, certs.key_file),
+        (live.ca_file, live.cert_file, live.key_file),
+        strict=True,
+    ):
+        _swap_in(source, target)
+    old_ca, new_ca = ClientTls(ca_file=certs.ca_file), ClientTls(ca_file=other_certs.ca_file)
+    async with serving(tls_settings(live)) as port:
+        address = f"localhost:{port}"
+        assert await health_via(address, old_ca) == "SERVING"
+
+        # Half a rotation: the new certificate beside the old key. gRPC refuses
+        # the pair and the server keeps presenting the old one.
+        _swap_in(other_certs.cert_file, live.cert_file)
+        assert await health_via(address, old_ca) == "SERVING"
+        with pytest.raises(Unavailable):
+            await health_via(address, new_ca)
+
+        # The key arrives: the next connection gets the new certificate.
+        _swap_in(other_certs.key_file, live.key_file)
+        assert await health_via(address, new_ca) == "SERVING"
+        with pytest.raises(Unavailable):
+            await health_via(address, old_ca)
+
+        # A file that vanishes mid-rotation changes nothing.
+        live.cert_file.unlink()
+        assert await health_via(address, new_ca) == "SERVING"
+
+
 def test_settings_refuse_incomplete_or_missing_tls_files(certs, tmp_path):
     with pytest.raises(ConfigError, match="tls_cert_file and tls_key_file go together"):
         load_settings(ServiceSettings, tls_cert_file=str(certs.cert_file))
