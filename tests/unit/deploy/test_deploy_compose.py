@@ -44,6 +44,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lorafleet.cli.serve import SERVICES
 from lorafleet.cluster.local import service_argv
+from lorafleet.core.channel import is_replica_set
 
 PROFILES = [(), ("gpu",), ("monitoring",), ("gpu", "monitoring")]
 
@@ -51,6 +52,7 @@ PROFILES = [(), ("gpu",), ("monitoring",), ("gpu", "monitoring")]
 # listed, so a new one without a test mapping fails test_every_service_is_known.
 LORAFLEET_SERVICES = {
     "registry": "registry",
+    "registry-1": "registry",
     "scheduler": "scheduler",
     "scheduler-1": "scheduler",
     "trainer": "trainer",
@@ -274,12 +276,16 @@ def test_start_order_waits_on_health_and_the_model(services: dict[str, dict[str,
 # -- the mesh fits together -------------------------------------------------------------
 
 
-def test_node_pairing_by_reference(services: dict[str, dict[str, Any]]) -> None:
+REGISTRIES = sorted(name for name, kind in LORAFLEET_SERVICES.items() if kind == "registry")
+
+
+@pytest.mark.parametrize("registry_name", REGISTRIES)
+def test_node_pairing_by_reference(services: dict[str, dict[str, Any]], registry_name: str) -> None:
     """Each node's trainer writes versions inside the registry's file root for
     that node, on a volume the registry mounts at that root, and the rollout of
     the same node reads the same directory."""
-    registry = settings_of("registry", services["registry"])
-    registry_mounts = mounts(services["registry"])
+    registry = settings_of(registry_name, services[registry_name])
+    registry_mounts = mounts(services[registry_name])
     nodes: dict[str, dict[str, Any]] = {}
     for name, kind in LORAFLEET_SERVICES.items():
         if kind not in ("trainer", "rollout"):
@@ -296,9 +302,55 @@ def test_node_pairing_by_reference(services: dict[str, dict[str, Any]]) -> None:
             assert is_within(settings.adapter_cache_dir, root), (name, root)
             assert mounts(services[name]).get(root) == registry_mounts[root], (name, root)
         # The registry only reads; a node's files belong to the node.
-        assert any(v.endswith(f":{root}:ro") for v in services["registry"]["volumes"]), (
-            f"registry mounts {root} read-write"
+        assert any(v.endswith(f":{root}:ro") for v in services[registry_name]["volumes"]), (
+            f"{registry_name} mounts {root} read-write"
         )
+
+
+def registry_alias(services: dict[str, dict[str, Any]]) -> str:
+    """The network alias every registry replica answers to, and only they."""
+    aliases = [
+        set(((services[name].get("networks") or {}).get("default") or {}).get("aliases") or [])
+        for name in REGISTRIES
+    ]
+    shared = set.intersection(*aliases)
+    assert len(shared) == 1, aliases
+    (alias,) = shared
+    for name, service in services.items():
+        if name not in REGISTRIES:
+            assert alias not in (service.get("networks") or {}).get("default", {}).get(
+                "aliases", []
+            ), name
+    return alias
+
+
+def test_registry_replicas_are_one_service(services: dict[str, dict[str, Any]]) -> None:
+    """Stateless replicas over one database and one durable store: the same
+    command, settings and volumes, a published port each, one shared alias;
+    whatever waits for the registry waits for every replica."""
+    assert len(REGISTRIES) >= 2
+    first, *others = REGISTRIES
+    for name in others:
+        assert settings_of(name, services[name]) == settings_of(first, services[first])
+        assert services[name]["volumes"] == services[first]["volumes"]
+    published = [port.split(":")[1] for name in REGISTRIES for port in services[name]["ports"]]
+    assert len(set(published)) == len(published) == len(REGISTRIES)
+    registry_alias(services)
+    for name, service in services.items():
+        depends = set(service.get("depends_on") or {})
+        if depends & set(REGISTRIES):
+            assert depends >= set(REGISTRIES), name
+
+
+def test_every_client_calls_all_registry_replicas(services: dict[str, dict[str, Any]]) -> None:
+    """Through gRPC's DNS resolver, so that the client round-robins over the
+    replicas and follows their health (core/channel.py, is_replica_set)."""
+    target = f"dns:///{registry_alias(services)}:{image_ports()['registry'][0]}"
+    clients = [n for n, kind in LORAFLEET_SERVICES.items() if kind != "registry"]
+    assert clients
+    for name in clients:
+        assert settings_of(name, services[name]).registry_address == target, name
+    assert is_replica_set(target)
 
 
 SCHEDULERS = sorted(name for name, kind in LORAFLEET_SERVICES.items() if kind == "scheduler")
@@ -334,8 +386,6 @@ def test_scheduler_nodes_point_at_the_node_services(
     services: dict[str, dict[str, Any]], name: str
 ) -> None:
     scheduler = settings_of(name, services[name])
-    assert scheduler.registry_address == "registry:50051"
-    assert host_port(scheduler.registry_address)[1] == image_ports()["registry"][0]
     nodes = {}
     for name, kind in LORAFLEET_SERVICES.items():
         if kind in ("trainer", "rollout"):
@@ -359,7 +409,7 @@ def test_databases_are_the_postgres_service_and_exist(services: dict[str, dict[s
     created = set(
         re.findall(r"CREATE DATABASE (\w+)", (REPO / "deploy/postgres/initdb.sql").read_text())
     )
-    for name in ("registry", *SCHEDULERS):
+    for name in (*REGISTRIES, *SCHEDULERS):
         url = settings_of(name, services[name]).database_url
         match = re.fullmatch(r"postgresql\+asyncpg://lorafleet:[^@]+@postgres:5432/(\w+)", url)
         assert match, url
