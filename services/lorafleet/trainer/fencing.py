@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -74,19 +75,27 @@ class FenceJournal:
 
     Appending costs one small synced write per adapter per change of scheduler
     leader, which is rare. Reading takes the highest token per adapter and
-    rewrites the file with one line each, so it holds one line per adapter ever
-    fenced plus the raises since the last start. A torn last line (a crash
-    mid-append) is skipped: its call had not started.
+    rewrites the file with one line each; once read, the journal also rewrites
+    itself that way whenever its lines exceed twice its adapters plus
+    ``compact_slack``, so a long-lived trainer under a flapping leadership
+    keeps a bounded file. A torn last line (a crash mid-append) is skipped: its
+    call had not started.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, compact_slack: int = 64) -> None:
         self.path = path
+        self.compact_slack = compact_slack
+        self._highest: dict[str, int] | None = None  # known once read
+        self._lines = 0
+        self._lock = threading.Lock()  # appends run in worker threads
 
     def read(self) -> dict[str, int]:
         highest: dict[str, int] = {}
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
+            with self._lock:
+                self._highest, self._lines = {}, 0
             return highest
         for number, line in enumerate(lines, 1):
             try:
@@ -96,16 +105,36 @@ class FenceJournal:
                 log.warning("fencing_journal_line_skipped", path=str(self.path), line=number)
                 continue
             highest[adapter_id] = max(token, highest.get(adapter_id, 0))
-        self._rewrite(highest)
+        with self._lock:
+            self._rewrite(highest)
+            self._highest, self._lines = dict(highest), len(highest)
         return highest
 
     def append(self, adapter_id: str, token: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"adapter_id": adapter_id, "token": token}) + "\n"
-        with self.path.open("a", encoding="utf-8") as out:
-            out.write(line)
-            out.flush()
-            os.fsync(out.fileno())
+        with self._lock:
+            with self.path.open("a", encoding="utf-8") as out:
+                out.write(line)
+                out.flush()
+                os.fsync(out.fileno())
+            self._lines += 1
+            if self._highest is None:
+                return  # never read: the file may hold tokens we do not know
+            self._highest[adapter_id] = max(token, self._highest.get(adapter_id, 0))
+            if self._lines > 2 * len(self._highest) + self.compact_slack:
+                try:
+                    self._rewrite(self._highest)
+                except OSError as exc:
+                    # The raise itself is on disk; compacting can wait.
+                    log.warning("fencing_journal_compaction_failed", error=str(exc))
+                else:
+                    self._lines = len(self._highest)
+
+    @property
+    def lines(self) -> int:
+        """Lines in the file as this journal wrote or read them."""
+        return self._lines
 
     def _rewrite(self, highest: dict[str, int]) -> None:
         staging = self.path.with_name(self.path.name + ".tmp")

@@ -197,3 +197,26 @@ async def test_a_failed_journal_write_fails_the_call_and_still_refuses_older_own
     await _enter(fences, "exp", 2)  # the owner's retry writes it
     assert journal.appends == 3
     assert AdapterFences(FenceJournal(journal.path)).highest("exp") == 2
+
+
+async def test_a_long_lived_journal_compacts_itself(tmp_path):
+    """A trainer that outlives many changes of leader keeps a bounded journal:
+    past twice its adapters plus the slack, it rewrites to one line each."""
+    path = tmp_path / "fencing-tokens.jsonl"
+    journal = FenceJournal(path, compact_slack=4)
+    fences = AdapterFences(journal)
+    for token in range(1, 41):  # 40 leaders, 2 adapters
+        await _enter(fences, "a", token)
+        await _enter(fences, "b", token)
+        assert len(path.read_text().splitlines()) == journal.lines <= 2 * 2 + 4 + 1
+    restarted = AdapterFences(FenceJournal(path))
+    assert (restarted.highest("a"), restarted.highest("b")) == (40, 40)
+
+
+def test_an_unread_journal_never_compacts_away_what_it_did_not_read(tmp_path):
+    path = tmp_path / "fencing-tokens.jsonl"
+    path.write_text('{"adapter_id": "old", "token": 9}\n')
+    journal = FenceJournal(path, compact_slack=0)
+    for token in range(1, 6):
+        journal.append("a", token)
+    assert FenceJournal(path).read() == {"old": 9, "a": 5}
