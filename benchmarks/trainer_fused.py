@@ -12,6 +12,11 @@ Also reports memory per added adapter: bytes the engine accounts (parameters +
 AdamW moments) and the measured growth of the process (PSS) from 0 to N adapters.
 
     PYTHONPATH=services python benchmarks/trainer_fused.py [--out runs/bench/trainer_fused.json]
+
+On a GPU node: ``--device cuda --dtype bfloat16``; ``--shape qwen2.5-0.5b`` builds
+a randomly initialised model of Qwen2.5-0.5B's architecture (no model hub needed:
+a pass's cost depends on the shapes, not on the weights). Memory per adapter is
+then the growth of CUDA allocations, not of the process.
 """
 
 from __future__ import annotations
@@ -43,11 +48,24 @@ from lorafleet.lora.types import (  # noqa: E402
     TrainSample,
 )
 
+# Qwen2.5-0.5B's published architecture (its config.json), for random-init runs.
+QWEN2_5_0_5B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                    max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                    tie_word_embeddings=True)
 
-def _model_dir(arg: str | None) -> tuple[str, str]:
+
+def _model_dir(arg: str | None, shape: str = "tiny") -> tuple[str, str]:
     """The model to benchmark and how it was obtained."""
     if arg:
         return arg, "given"
+    if shape == "qwen2.5-0.5b":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(0)
+        path = Path(tempfile.mkdtemp(prefix="lorafleet-bench-qwen-"))
+        Qwen2ForCausalLM(Qwen2Config(**QWEN2_5_0_5B)).to(torch.bfloat16).save_pretrained(path)
+        return str(path), "random init, Qwen2.5-0.5B architecture"
     try:
         from lorafleet.models.cache import ensure_tiny_model  # type: ignore[import-not-found]
 
@@ -115,6 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
                     help="micro-batches per request (on), mixed (off), or the engine's "
                     "default for the device (auto: on for CPU)")
+    ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--shape", choices=("tiny", "qwen2.5-0.5b"), default="tiny",
+                    help="architecture of the random-init model when --model-dir is not given")
     ap.add_argument("--no-tune-allocator", action="store_true",
                     help="leave glibc malloc at its defaults (see lorafleet.lora.runtime)")
     args = ap.parse_args(argv)
@@ -126,10 +148,21 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     counts = [int(x) for x in args.adapters.split(",")]
     n_max = max(counts)
+    cuda = torch.device(args.device).type == "cuda"
 
-    model_dir, model_how = _model_dir(args.model_dir)
+    def used_bytes() -> int:
+        # On a GPU the adapters live in device memory; on CPU in the process.
+        return torch.cuda.memory_allocated() if cuda else _pss_bytes()
+
+    def sync() -> None:
+        # Kernels run asynchronously on a GPU: a step ends when its kernels have.
+        if cuda:
+            torch.cuda.synchronize()
+
+    model_dir, model_how = _model_dir(args.model_dir, args.shape)
     engine = TrainEngine.from_pretrained(
-        model_dir, max_adapters=n_max, max_rank=args.rank,
+        model_dir, dtype=getattr(torch, args.dtype), device=args.device,
+        max_adapters=n_max, max_rank=args.rank,
         micro_batch_tokens=args.micro_batch_tokens or None,
         batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant])
     vocab = engine.vocab_size
@@ -145,24 +178,36 @@ def main(argv: list[str] | None = None) -> dict:
         # baseline is taken after them and the growth is the adapters' own.
         for _ in range(3 if i == 0 else 1):
             engine.train_step([requests[name]])
+        sync()
         if i == 0:
-            pss0 = _pss_bytes()
+            pss0 = used_bytes()
         else:
-            pss_after.append(_pss_bytes())
+            pss_after.append(used_bytes())
     info = engine.adapter_info(names[0])
 
+    peaks: dict[int, int] = {}
+
     def fused(k: int) -> float:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         res = engine.train_step([requests[n] for n in names[:k]])
+        sync()
         dt = time.perf_counter() - t0
-        assert all(r.applied for r in res), res
+        failed = [r for r in res if not getattr(r, "applied", False)]
+        if failed:
+            raise SystemExit(f"fused step of {k} adapters failed: {failed[0]}")
+        if cuda:
+            peaks[k] = max(peaks.get(k, 0), torch.cuda.max_memory_allocated())
         return dt
 
     def separate(k: int) -> float:
         t0 = time.perf_counter()
         for n in names[:k]:
             (res,) = engine.train_step([requests[n]])
-            assert res.applied, res
+            if not getattr(res, "applied", False):
+                raise SystemExit(f"step of adapter {n} failed: {res}")
+        sync()
         return time.perf_counter() - t0
 
     rows = []
@@ -191,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
             "separate_adapter_steps_per_s": round(k / s_med, 2),
             "fused_ms_all": [round(x * 1000, 2) for x in tf],
             "separate_ms_all": [round(x * 1000, 2) for x in ts],
+            # Device memory high-water mark of the fused step (None on CPU).
+            "fused_peak_cuda_bytes": peaks.get(k),
         })
 
     pss_growth = (pss_after[-1] - pss0) / max(n_max - 1, 1) if pss_after else 0.0
@@ -209,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
             "parameter_bytes": info.parameter_bytes,
             "optimizer_state_bytes": info.optimizer_state_bytes,
             "accounted_bytes": info.parameter_bytes + info.optimizer_state_bytes,
+            # Growth of CUDA allocations on a GPU device, of the process's PSS on CPU.
+            "measured_growth_of": "cuda_memory_allocated" if cuda else "process_pss",
             "measured_pss_growth_bytes": int(pss_growth),
             "pss_with_one_adapter_bytes": pss0,
             "pss_after_bytes": pss_after,
@@ -216,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
         "engine": {"micro_batch_tokens": engine.micro_batch_tokens,
                    "strategy": engine.lora.state.strategy, "allocator_tuned": tuned},
         "env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                "device": str(engine.device), "dtype": args.dtype,
+                "gpu": torch.cuda.get_device_name() if cuda else None,
                 "python": platform.python_version(), "machine": platform.machine(),
                 "cpu_count": os.cpu_count(),
                 "loadavg_before": [round(x, 2) for x in load_before],
@@ -250,11 +301,17 @@ def _print(result: dict, out: Path) -> None:
                       f"{r['separate_adapter_steps_per_s']:.1f}")
     console = Console()
     console.print(table)
+    if any(r.get("fused_peak_cuda_bytes") for r in result["rows"]):
+        peaks = ", ".join(f"N={r['adapters']} {r['fused_peak_cuda_bytes'] / 2**30:.1f} GiB"
+                          for r in result["rows"])
+        console.print(f"peak CUDA memory of the fused step: {peaks} (micro-batches of "
+                      f"{result['engine']['micro_batch_tokens']} padded tokens)")
     m = result["memory_per_adapter"]
     console.print(
         f"memory per added adapter: {m['accounted_bytes'] / 1024:.1f} KiB accounted "
         f"(params {m['parameter_bytes'] / 1024:.1f} KiB + AdamW "
-        f"{m['optimizer_state_bytes'] / 1024:.1f} KiB), measured PSS growth "
+        f"{m['optimizer_state_bytes'] / 1024:.1f} KiB), measured "
+        f"{'CUDA' if m['measured_growth_of'] == 'cuda_memory_allocated' else 'PSS'} growth "
         f"{m['measured_pss_growth_bytes'] / 1024:.1f} KiB; "
         f"base model {result['model']['base_parameter_bytes'] / 2**20:.2f} MiB "
         f"({result['model']['source']})")

@@ -77,3 +77,15 @@ def engine_with_adapters(model_dir: Path, names: tuple[str, ...]):  # -> TrainEn
         engine.create_adapter(name, LoraSpec(rank=4, alpha=8),
                               OptimizerConfig(learning_rate=1e-2), seed=i)
     return engine
+
+
+def autograd_token_logprobs(logits, targets):
+    """What ``lorafleet.lora.losses.token_logprobs`` computes, left to autograd
+    (which keeps an fp32 copy of the logits for backward): the reference its
+    values, gradients and memory are checked against."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    lp = x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():
+        ent = lse - (torch.softmax(x, dim=-1) * x).sum(-1)
+    return lp, ent

@@ -39,22 +39,70 @@ class TokenStats:
     """|sampling_logp - logp| where a sampling logprob was given."""
 
 
+LOGIT_CHUNK_ELEMENTS = 1 << 25
+"""Logits handled at once in fp32 by :func:`token_logprobs` (128 MiB of fp32)."""
+
+
 def token_logprobs(logits_N_L_V: torch.Tensor, targets_N_L: torch.Tensor,
                    *, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) per position (differentiable) and the policy entropy (no grad).
 
     Works in fp32 whatever the model dtype: the ratio exp(logp - sampling_logp) is
-    sensitive to rounding of logp.
+    sensitive to rounding of logp. Memory: only the model's own logits are kept
+    for backward; the fp32 work (log-sum-exp, softmax, the gradient) runs over
+    row chunks of ``LOGIT_CHUNK_ELEMENTS``. Autograd through ``logits.float()``
+    would keep an fp32 copy of every logit and make several more for the entropy
+    and the gradient: on an H200, bf16 logits of a 152k vocabulary (Qwen2.5's)
+    took 10x their own size on top of themselves that way, 2x this way (the
+    gradient, and autograd's copy of it into a leaf's ``.grad``); a train pass
+    of 32768 tokens on a Qwen2.5-0.5B-shaped model went from out of memory
+    (139 GiB) to a peak of 82 GiB (benchmarks/README.md, GPU checks). Each
+    row's values are computed exactly as autograd computes them, whatever the
+    chunking (row-wise ops only).
     """
-    logits = logits_N_L_V.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    lp = logits.gather(-1, targets_N_L.unsqueeze(-1)).squeeze(-1) - lse
-    ent = None
-    if with_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)
-            ent = lse - (probs * logits).sum(-1)
-    return lp, ent
+    lp, ent = _TargetLogprobs.apply(logits_N_L_V, targets_N_L, with_entropy)
+    return lp, (ent if with_entropy else None)
+
+
+class _TargetLogprobs(torch.autograd.Function):
+    """``log_softmax(logits.float())`` at the targets, over chunks of rows (the
+    first dimension: slices of it are views, whatever the logits' strides); see
+    :func:`token_logprobs`. The gradient is autograd's for ``gather - logsumexp``:
+    ``g * (onehot(target) - softmax(logits))``, cast to the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        lp = torch.empty_like(lse)
+        ent = torch.zeros_like(lse)
+        for lo, hi in _row_chunks(logits):
+            x = logits[lo:hi].float()
+            lse[lo:hi] = torch.logsumexp(x, dim=-1)
+            lp[lo:hi] = x.gather(-1, targets[lo:hi].unsqueeze(-1)).squeeze(-1) - lse[lo:hi]
+            if with_entropy:
+                ent[lo:hi] = lse[lo:hi] - (torch.softmax(x, dim=-1) * x).sum(-1)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp: torch.Tensor, _grad_ent: torch.Tensor
+                 ) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        logits, targets, lse = ctx.saved_tensors
+        g = grad_lp.float().unsqueeze(-1)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for lo, hi in _row_chunks(logits):
+            x = logits[lo:hi].float()
+            chunk = -g[lo:hi] * torch.exp(x - lse[lo:hi].unsqueeze(-1))
+            grad[lo:hi] = chunk.scatter_add_(-1, targets[lo:hi].unsqueeze(-1), g[lo:hi])
+        return grad, None, None
+
+
+def _row_chunks(logits: torch.Tensor) -> list[tuple[int, int]]:
+    per_row = max(1, logits[:1].numel())
+    step = max(1, LOGIT_CHUNK_ELEMENTS // per_row)
+    return [(lo, min(lo + step, logits.shape[0])) for lo in range(0, logits.shape[0], step)]
 
 
 def kl_k3(logprobs: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
