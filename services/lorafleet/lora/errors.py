@@ -45,6 +45,17 @@ def no_free_slot(name: str, slots: int) -> ResourceExhausted:
     )
 
 
+def pass_out_of_memory(micro_batch_tokens: int, device: str) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"the training pass ran out of memory on {device} with micro-batches of "
+        f"{micro_batch_tokens} padded tokens: lower the trainer's micro_batch_tokens "
+        "(LORAFLEET_TRAINER_MICRO_BATCH_TOKENS, or LORAFLEET_NODE_MICRO_BATCH_TOKENS on a "
+        "co-located node), or send shorter sequences",
+        reason="TRAIN_PASS_OUT_OF_MEMORY",
+        metadata={"micro_batch_tokens": str(micro_batch_tokens), "device": device},
+    )
+
+
 def rank_above_node_max(rank: int, max_rank: int) -> FailedPrecondition:
     return FailedPrecondition(
         f"LoRA rank {rank} is above this node's maximum {max_rank}",

@@ -86,6 +86,7 @@ async def build_runtime(settings: TrainerSettings) -> TrainerRuntime:
         max_rank=settings.max_rank,
         batch_invariant=settings.batch_invariant,
         share_prompts=settings.share_prompts,
+        micro_batch_tokens=settings.micro_batch_tokens,
     )
     base_model_name = settings.base_model_name or default_name
     # Written into every adapter_config.json: a stable name, not this machine's path.

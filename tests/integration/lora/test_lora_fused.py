@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import grpc
 import pytest
 import torch
 
@@ -149,6 +150,33 @@ def test_bad_request_fails_alone(engine, bad, reason):
         "ForwardBackwardResult", "RequestError", "ForwardBackwardResult", "ForwardBackwardResult"]
     for req in reqs:
         assert _max_diff(expected[req.adapter], _grads(engine, req.adapter)) < GRAD_TOL
+
+
+def test_out_of_device_memory_fails_its_request_with_the_setting_to_change(engine, monkeypatch):
+    """A pass that runs out of device memory (a GPU's OutOfMemoryError, raised
+    here whenever adapter b is in a micro-batch) fails b's request with
+    RESOURCE_EXHAUSTED naming the setting; the others are retried alone and step."""
+    real = engine._micro_batch_stats
+
+    def stats(batch):
+        if "b" in batch.adapters_N:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 304.00 MiB")
+        return real(batch)
+
+    monkeypatch.setattr(engine, "_micro_batch_stats", stats)
+    b_before = [p.detach().clone() for p in engine.lora.adapter_parameters("b")]
+    results = engine.train_step(_requests())
+    assert [type(r).__name__ for r in results] == [
+        "TrainStepResult", "RequestError", "TrainStepResult"]
+    err = results[1].error
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.reason == "TRAIN_PASS_OUT_OF_MEMORY"
+    assert "micro_batch_tokens" in str(err) and "1024 padded tokens" in str(err)
+    assert err.metadata["micro_batch_tokens"] == str(engine.micro_batch_tokens) == "1024"
+    assert results[0].applied and results[2].applied
+    assert all(torch.equal(x, p) for x, p in zip(b_before, engine.lora.adapter_parameters("b"),
+                                                  strict=True))
+    assert engine.adapter_info("b").step == 0
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -157,6 +157,36 @@ async def test_error_codes_and_reasons(trainer):
     assert (status.slots_total, status.slots_used, status.max_rank) == (3, 3, 8)
 
 
+async def test_out_of_device_memory_is_resource_exhausted_naming_the_setting(
+        tmp_path, trainer_llama_dir, monkeypatch):
+    """What a user whose passes outgrow the GPU sees over gRPC: RESOURCE_EXHAUSTED,
+    the micro-batch size they configured and the setting to lower; nothing trained.
+    (A GPU's OutOfMemoryError, raised here by every micro-batch.)"""
+    import torch
+
+    from lorafleet.lora.engine import TrainEngine
+
+    def out_of_memory(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(TrainEngine, "_micro_batch_stats", out_of_memory)
+    running = await start_trainer(TrainerSettings(
+        model_path=str(trainer_llama_dir), adapter_cache_dir=str(tmp_path / "cache"),
+        max_rank=8, micro_batch_tokens=512, registry_address="127.0.0.1:1"))
+    try:
+        client = running.client
+        await client.create_adapter("a", lora=LORA_4, optimizer=OPT)
+        with pytest.raises(ResourceExhausted) as e:
+            await client.train_step("a", random_samples(random.Random(3), 2))
+        assert e.value.reason == "TRAIN_PASS_OUT_OF_MEMORY"
+        assert "512 padded tokens" in str(e.value)
+        assert "LORAFLEET_TRAINER_MICRO_BATCH_TOKENS" in str(e.value)
+        assert e.value.metadata == {"micro_batch_tokens": "512", "device": "cpu"}
+        assert [a.step for a in (await client.status()).adapters] == [0]
+    finally:
+        await running.stop()
+
+
 async def test_replayed_request_id_does_not_train_twice(trainer):
     client = trainer.client
     await client.create_adapter("exp", lora=LORA_4, optimizer=OPT, request_id="create-1")
