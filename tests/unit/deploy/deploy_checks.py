@@ -25,6 +25,7 @@ import yaml
 from lorafleet.cli.serve import SERVICES
 from lorafleet.cluster.local import service_argv
 from lorafleet.core.config import ServiceSettings, load_settings
+from lorafleet.core.tls import ENV_PREFIX as TLS_ENV_PREFIX
 from lorafleet.models.cache import CACHE_ENV
 
 REPO = Path(__file__).resolve().parents[3]
@@ -32,9 +33,14 @@ DOCKERFILES = {"cpu": REPO / "Dockerfile", "gpu": REPO / "Dockerfile.gpu"}
 COMPOSE_FILE = REPO / "docker-compose.yml"
 K8S_BASE = REPO / "deploy" / "k8s" / "base"
 K8S_CPU = REPO / "deploy" / "k8s" / "overlays" / "cpu"
+K8S_CPU_TLS = REPO / "deploy" / "k8s" / "overlays" / "cpu-tls"
+K8S_TLS_COMPONENT = REPO / "deploy" / "k8s" / "components" / "tls"
 
-# Variables the images read that are not service settings.
-NON_SETTINGS_ENV = {CACHE_ENV}
+# Variables the images read that are not service settings: the model cache, and
+# the client TLS defaults of processes that are no service (an exec probe, a CLI).
+NON_SETTINGS_ENV = {CACHE_ENV} | {
+    f"{TLS_ENV_PREFIX}{name}" for name in ("CA_FILE", "CERT_FILE", "KEY_FILE", "SERVER_NAME")
+}
 
 
 def settings_class(service: str) -> type[ServiceSettings]:

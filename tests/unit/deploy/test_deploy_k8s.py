@@ -2,7 +2,10 @@
 docker-compose.yml: commands are ``service_argv``, every setting is a real one
 and validates once ConfigMap, Secret and pod-name references are resolved,
 ports and probes follow the image's convention, and the nodes' by-reference
-pairing with the registry holds for every StatefulSet pod.
+pairing with the registry holds for every StatefulSet pod. Under the TLS
+component (overlay cpu-tls) every service serves mutual TLS with its workload's
+certificate, every address a service calls is named by the certificate of the
+workload serving it, and the exec probe works against a real mutual-TLS server.
 
 Rendering uses ``kubectl kustomize`` (kustomize built into kubectl). Without
 kubectl the base is read file by file in Python (it has no patches) and the
@@ -12,11 +15,16 @@ is applied to a cluster.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,8 @@ from deploy_checks import (
     DOCKERFILES,
     K8S_BASE,
     K8S_CPU,
+    K8S_CPU_TLS,
+    K8S_TLS_COMPONENT,
     REPO,
     compose_raw,
     host_port,
@@ -61,7 +71,8 @@ def render(path: Path) -> list[dict[str, Any]]:
     return docs
 
 
-RENDERS = {"base": K8S_BASE, "cpu": K8S_CPU}
+RENDERS = {"base": K8S_BASE, "cpu": K8S_CPU, "cpu-tls": K8S_CPU_TLS}
+TLS_MOUNT = "/etc/lorafleet/tls"
 
 
 @pytest.fixture(scope="module", params=sorted(RENDERS))
@@ -143,7 +154,34 @@ def container_settings(
     service = service_of(container.get("args"))
     assert service is not None, f"{container['name']}: args {container.get('args')}"
     env = resolve_env(docs, container, pod_names(workload)[pod])
+    # Settings check that TLS files exist: stand-ins for the mounted Secret's.
+    env = {k: v.replace(TLS_MOUNT, str(_tls_stand_ins())) for k, v in env.items()}
     return service, load_service_settings(service, env)
+
+
+@functools.cache
+def _tls_stand_ins() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="lorafleet-k8s-tls-"))
+    for name in ("tls.crt", "tls.key", "ca.crt"):  # the keys of a cert-manager Secret
+        (directory / name).write_text("")
+    return directory
+
+
+HEALTH_PROBE = re.compile(
+    r"import sys; from lorafleet\.cluster\.local import health_status; "
+    r"sys\.exit\(health_status\('127\.0\.0\.1:(\d+)'(?:, '([\w.]+)')?\) != 'SERVING'\)"
+)
+
+
+def probe_target(probe: dict[str, Any]) -> dict[str, Any]:
+    """What a probe checks, as a grpc probe says it: the port and, if any, the
+    health service; an exec probe must be the health check one-liner."""
+    if "grpc" in probe:
+        return probe["grpc"]
+    python, flag, code = probe["exec"]["command"]
+    match = HEALTH_PROBE.fullmatch(code)
+    assert (python, flag) == ("python", "-c") and match, probe["exec"]
+    return {"port": int(match.group(1))} | ({"service": match.group(2)} if match.group(2) else {})
 
 
 # -- rendering and layout ---------------------------------------------------------------
@@ -197,7 +235,7 @@ def test_images_are_the_compose_images(rendered: tuple[str, list[dict[str, Any]]
             if container["image"].split(":")[0] != "lorafleet":
                 continue
             assert container["image"] in compose_images, container["image"]
-            if flavour == "cpu":
+            if flavour.startswith("cpu"):
                 assert container["image"] == "lorafleet:cpu", container["name"]
             elif workload["kind"] == "StatefulSet":
                 assert container["image"] == "lorafleet:gpu", container["name"]
@@ -206,7 +244,7 @@ def test_images_are_the_compose_images(rendered: tuple[str, list[dict[str, Any]]
 def test_ports_and_probes_follow_the_image_convention(
     rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:
-    _, docs = rendered
+    flavour, docs = rendered
     for workload, container in lorafleet_containers(docs):
         service, settings = container_settings(docs, workload, container)
         grpc_port, metrics_port = image_ports()[service]
@@ -218,7 +256,9 @@ def test_ports_and_probes_follow_the_image_convention(
             if service == "scheduler" and probe == "readinessProbe":
                 # Only the replica that leads is ready (gets the Service's calls).
                 expected["service"] = SCHEDULER_SERVICE
-            assert container[probe]["grpc"] == expected, (container["name"], probe)
+            assert probe_target(container[probe]) == expected, (container["name"], probe)
+            # Kubernetes' gRPC probes cannot speak TLS: under TLS they run in the container.
+            assert ("exec" in container[probe]) == flavour.endswith("tls"), container["name"]
 
 
 def test_compose_uses_the_same_ports_and_commands() -> None:
@@ -407,7 +447,7 @@ def test_registry_and_scheduler_keep_state_in_postgres(
 def test_scheduler_replicas_elect_a_leader_under_their_pod_names(
     rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:
-    _, docs = rendered
+    flavour, docs = rendered
     scheduler = find(docs, "Deployment", "lorafleet-scheduler")
     # A standby to take over; Recreate, since readiness is leadership and a
     # rolling update would wait forever for a new pod to become ready.
@@ -417,7 +457,12 @@ def test_scheduler_replicas_elect_a_leader_under_their_pod_names(
     _, settings = container_settings(docs, scheduler, container)
     # Pod names are unique, so lease holder names are.
     assert settings.replica_id == pod_names(scheduler)[0]
-    assert settings.advertised() == f"{POD_IP}:{settings.port}"
+    if flavour.endswith("tls"):
+        # A name the certificate carries; the Service reaches the leader alone.
+        service = find(docs, "Service", "lorafleet-scheduler")["metadata"]["name"]
+        assert settings.advertised() == f"{service}:{settings.port}"
+    else:
+        assert settings.advertised() == f"{POD_IP}:{settings.port}"
     assert settings.lease_renew_deadline_s < settings.lease_duration_s
 
 
@@ -446,3 +491,146 @@ def test_base_shares_node_caches_across_pods(base: list[dict[str, Any]]) -> None
     # of pod on different machines must be ReadWriteMany.
     cache = find(base, "PersistentVolumeClaim", "lorafleet-adapter-cache")
     assert cache["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+# -- mutual TLS (components/tls) --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_docs() -> list[dict[str, Any]]:
+    return render(K8S_CPU_TLS)
+
+
+def certificate_of(docs: list[dict[str, Any]], workload: dict[str, Any]) -> dict[str, Any]:
+    """The cert-manager Certificate whose Secret the workload mounts as `tls`."""
+    (volume,) = [v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    (cert,) = [
+        d
+        for d in docs
+        if d["kind"] == "Certificate" and d["spec"]["secretName"] == volume["secret"]["secretName"]
+    ]
+    return cert
+
+
+def names_host(dns_names: list[str], host: str) -> bool:
+    """Whether a certificate with these names is valid for `host` (a wildcard
+    stands for exactly one leftmost label)."""
+    for name in dns_names:
+        if name.startswith("*."):
+            label, _, rest = host.partition(".")
+            if label and rest == name[2:]:
+                return True
+        elif name == host:
+            return True
+    return False
+
+
+def test_tls_component_is_a_component_the_cpu_tls_overlay_uses() -> None:
+    component = yaml.safe_load((K8S_TLS_COMPONENT / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    overlay = yaml.safe_load((K8S_CPU_TLS / "kustomization.yaml").read_text())
+    assert overlay["components"] == ["../../components/tls"]
+
+
+def test_every_service_serves_mutual_tls_with_its_workloads_certificate(
+    tls_docs: list[dict[str, Any]],
+) -> None:
+    containers = lorafleet_containers(tls_docs)
+    assert {service_of(c["args"]) for _, c in containers} == {
+        "registry", "scheduler", "trainer", "rollout"}
+    for workload, container in containers:
+        _, settings = container_settings(tls_docs, workload, container)
+        server, client = settings.server_tls(), settings.client_tls()
+        assert server is not None and server.client_ca_file is not None, container["name"]
+        assert client is not None and client.cert_file is not None, container["name"]
+        env = resolve_env(tls_docs, container, pod_names(workload)[0])
+        prefix = f"LORAFLEET_{container['name'].upper()}_TLS_"
+        files = {env[f"{prefix}{k}_FILE"] for k in ("CERT", "KEY", "CA")}
+        assert all(f.startswith(f"{TLS_MOUNT}/") for f in files), files
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+        assert mount == {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True}
+        # The probe's client: the same files, and a name the certificate carries.
+        probe_files = {env[f"LORAFLEET_TLS_{k}_FILE"] for k in ("CERT", "KEY", "CA")}
+        assert probe_files == files
+        cert = certificate_of(tls_docs, workload)
+        assert names_host(cert["spec"]["dnsNames"], env["LORAFLEET_TLS_SERVER_NAME"])
+        assert set(cert["spec"]["usages"]) == {"server auth", "client auth"}
+        assert cert["spec"]["issuerRef"] == {"name": "lorafleet-ca", "kind": "Issuer"}
+    issuers = {d["metadata"]["name"] for d in tls_docs if d["kind"] == "Issuer"}
+    assert "lorafleet-ca" in issuers
+
+
+def test_certificates_name_every_address_the_mesh_calls(tls_docs: list[dict[str, Any]]) -> None:
+    """Every host:port a service is configured to call is named by the
+    certificate of the workload serving that port, so hostname checks pass."""
+    serving: dict[int, dict[str, Any]] = {}
+    calls: list[tuple[str, str]] = []
+    for workload, container in lorafleet_containers(tls_docs):
+        for pod in range(len(pod_names(workload))):
+            _, settings = container_settings(tls_docs, workload, container, pod=pod)
+            serving[settings.port] = workload
+            found: list[str] = []
+
+            def collect(value: Any, found: list[str] = found) -> None:
+                if isinstance(value, dict):
+                    for v in value.values():
+                        collect(v)
+                elif isinstance(value, list):
+                    for v in value:
+                        collect(v)
+                elif isinstance(value, str) and re.fullmatch(r"[\w.-]+:\d+", value):
+                    found.append(value)
+
+            collect(settings.model_dump(mode="json"))
+            calls += [(container["name"], address) for address in found]
+    mesh_calls = [(who, a) for who, a in calls if host_port(a)[1] in serving]
+    assert {host_port(a)[1] for _, a in mesh_calls} >= {50051, 50053, 50054}, calls
+    for who, address in mesh_calls:
+        host, port = host_port(address)
+        cert = certificate_of(tls_docs, serving[port])
+        assert names_host(cert["spec"]["dnsNames"], host), (who, address, cert["spec"])
+
+
+async def test_the_tls_probe_passes_only_against_the_mesh_server_it_names(
+    tls_docs: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The registry's readiness probe, run as the kubelet would run it (its
+    command and environment, the Secret's files made here), against a real
+    server requiring mutual TLS with a certificate for the registry's name."""
+    from lorafleet.core.config import ServiceSettings
+    from lorafleet.core.server import create_server, start_server
+    from lorafleet.core.tls_certs import write_mesh_certs
+
+    deploy = find(tls_docs, "Deployment", "lorafleet-registry")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = resolve_env(tls_docs, container, pod_names(deploy)[0])
+    certs = write_mesh_certs(tmp_path / "pki", hosts=[env["LORAFLEET_TLS_SERVER_NAME"]])
+    secret = tmp_path / "secret"  # what cert-manager writes into the Secret
+    secret.mkdir()
+    for key, source in (("tls.crt", certs.cert_file), ("tls.key", certs.key_file),
+                        ("ca.crt", certs.ca_file)):
+        (secret / key).write_bytes(source.read_bytes())
+    settings = ServiceSettings(
+        tls_cert_file=str(secret / "tls.crt"), tls_key_file=str(secret / "tls.key"),
+        tls_ca_file=str(secret / "ca.crt"), tls_require_client_cert=True)
+    server, port, health = await create_server("127.0.0.1:0", [], settings=settings)
+    await start_server(server, health, [])
+    python, flag, code = container["readinessProbe"]["exec"]["command"]
+    assert python == "python"
+    code = code.replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+    probe_env = {k: v.replace(TLS_MOUNT, str(secret)) for k, v in env.items()
+                 if k.startswith("LORAFLEET_TLS_")}
+
+    async def probe(**overrides: str | None) -> int:
+        run_env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_TLS_")}
+        run_env |= {k: v for k, v in (probe_env | overrides).items() if v is not None}
+        process = await asyncio.create_subprocess_exec(sys.executable, flag, code, env=run_env)
+        return await asyncio.wait_for(process.wait(), timeout=60)
+
+    try:
+        assert await probe() == 0
+        # Another name than the certificate's, or no client certificate: not ready.
+        assert await probe(LORAFLEET_TLS_SERVER_NAME="elsewhere") == 1
+        assert await probe(LORAFLEET_TLS_CERT_FILE=None, LORAFLEET_TLS_KEY_FILE=None) == 1
+    finally:
+        await server.stop(grace=None)
