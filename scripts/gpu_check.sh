@@ -22,9 +22,9 @@
 # pattern (e.g. "gpu_tests fused_rl_*"). With GPU_CHECK_ARCHIVE=FILE.tgz set,
 # OUT_DIR's logs and JSON (not the benchmark's stack directories) are packed
 # into that file after every step, for a node that hands back one small file.
-# Needs the
-# project's core and train dependencies importable by $PYTHON (default
-# python3), with the repository's services/ on PYTHONPATH (set here).
+# Run it from the repository's root. It needs the project's core and train
+# dependencies importable by $PYTHON (default python3); the repository's
+# services/ is put on PYTHONPATH here.
 set -uo pipefail
 
 out=${1:-runs/gpu-check}
