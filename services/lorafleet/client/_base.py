@@ -11,11 +11,13 @@ import asyncio
 import functools
 import inspect
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 import grpc.aio
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorafleet.core.channel import (
@@ -28,9 +30,15 @@ from lorafleet.core.channel import (
     resolve_client_tls,
 )
 from lorafleet.core.errors import error_from_rpc
-from lorafleet.core.tls import ClientTls
+from lorafleet.core.tls import ClientCertificateWatch, ClientTls
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+CERTIFICATE_CHECK_INTERVAL_S = 1.0
+"""How often a client with a certificate looks at its files (a stat each)."""
+RETIRED_CHANNEL_GRACE_S = 30.0
+"""How long calls in flight on a channel replaced after a renewal may run on."""
 
 
 class AsyncServiceClient:
@@ -46,6 +54,8 @@ class AsyncServiceClient:
     so calls spread over them and go around one that stops."""
 
     REPLICA_HEALTH_SERVICE: str | None = None
+    STUB: ClassVar[Callable[[grpc.aio.Channel], Any] | None] = None
+    """The service's generated stub class; ``self.stub`` is one on the current channel."""
 
     def __init__(
         self,
@@ -55,23 +65,83 @@ class AsyncServiceClient:
         tls: ClientTls | None | object = PROCESS_DEFAULT,
     ) -> None:
         """`tls`: a `ClientTls` to call over TLS, None for plaintext; by default
-        as the process does (``LORAFLEET_TLS_*``, see ``lorafleet.core.tls``)."""
+        as the process does (``LORAFLEET_TLS_*``, see ``lorafleet.core.tls``).
+
+        With a client certificate (mutual TLS), a renewal of its files reaches
+        the client's next calls: the client makes a new channel once they
+        changed (see ``ClientCertificateWatch``); calls in flight finish on the
+        old one, which closes after ``RETIRED_CHANNEL_GRACE_S``."""
         self._owns_channel = isinstance(target, str)
         self.follows_replicas = bool(
             isinstance(target, str) and self.REPLICA_HEALTH_SERVICE and is_replica_set(target)
         )
+        self._make_channel: Callable[[], grpc.aio.Channel] | None = None
+        self._watch: ClientCertificateWatch | None = None
         if not isinstance(target, str):
-            self.channel: grpc.aio.Channel = target
-        elif self.follows_replicas:
-            self.channel = make_channel(
-                replica_target(target),
-                health_service=self.REPLICA_HEALTH_SERVICE,
-                tls=replica_tls(target, resolve_client_tls(tls)),
-            )
+            self._channel: grpc.aio.Channel = target
         else:
-            self.channel = make_channel(target, tls=tls)
+            if self.follows_replicas:
+                used = replica_tls(target, resolve_client_tls(tls))
+                self._make_channel = functools.partial(
+                    make_channel,
+                    replica_target(target),
+                    health_service=self.REPLICA_HEALTH_SERVICE,
+                    tls=used,
+                )
+            else:
+                used = resolve_client_tls(tls)
+                self._make_channel = functools.partial(make_channel, target, tls=used)
+            self._channel = self._make_channel()
+            if used is not None and used.cert_file is not None:
+                self._watch = ClientCertificateWatch(used)
         self.timeout_s = timeout_s
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._next_check = 0.0
+        self._retiring: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
+        self._stubs: dict[Callable[[grpc.aio.Channel], Any], tuple[grpc.aio.Channel, Any]] = {}
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel calls go on now (a new one after a client certificate renewal)."""
+        self._follow_certificate_renewal()
+        return self._channel
+
+    def stub_for(self, stub_class: Callable[[grpc.aio.Channel], T]) -> T:
+        """A `stub_class` stub on the current channel (made once per channel).
+        Hold on to the client, not to a stub: a stub stays on its channel."""
+        channel = self.channel
+        held = self._stubs.get(stub_class)
+        if held is None or held[0] is not channel:
+            held = (channel, stub_class(channel))
+            self._stubs[stub_class] = held
+        return held[1]  # type: ignore[no-any-return]
+
+    @property
+    def stub(self) -> Any:
+        assert self.STUB is not None, f"{type(self).__name__} names no STUB"
+        return self.stub_for(self.STUB)
+
+    @property
+    def _health(self) -> health_pb2_grpc.HealthStub:
+        return self.stub_for(health_pb2_grpc.HealthStub)
+
+    def _follow_certificate_renewal(self) -> None:
+        if self._watch is None or self._make_channel is None:
+            return
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + CERTIFICATE_CHECK_INTERVAL_S
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # channels live on the client's loop: look again there
+            return
+        if not self._watch.changed():
+            return
+        old, self._channel = self._channel, self._make_channel()
+        retire = loop.create_task(old.close(grace=RETIRED_CHANNEL_GRACE_S))
+        self._retiring[old] = retire
+        retire.add_done_callback(lambda _: self._retiring.pop(old, None))
+        log.info("tls_client_certificate_reloaded", channels_retiring=len(self._retiring))
 
     async def _unary(
         self, method: Callable[..., Awaitable[T]], request: Any, timeout_s: float | None = None
@@ -112,7 +182,10 @@ class AsyncServiceClient:
 
     async def close(self) -> None:
         if self._owns_channel:
-            await self.channel.close()
+            await self._channel.close()
+            for old, retire in list(self._retiring.items()):
+                retire.cancel()
+                await old.close()
 
     async def __aenter__(self: T) -> T:
         return self

@@ -12,9 +12,7 @@ from lorafleet.environment.structs import dict_to_struct
 
 
 class AsyncEnvironmentClient(AsyncServiceClient):
-    def __init__(self, target: Any, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
-        self.stub = environment_pb2_grpc.EnvironmentServiceStub(self.channel)
+    STUB = environment_pb2_grpc.EnvironmentServiceStub
 
     async def describe(self) -> pb.DescribeEnvironmentResponse:
         return await self._unary(self.stub.DescribeEnvironment, pb.DescribeEnvironmentRequest())

@@ -82,12 +82,10 @@ def _rid(request_id: str | None) -> str:
 
 
 class AsyncRegistryClient(AsyncServiceClient):
+    STUB = registry_pb2_grpc.AdapterRegistryServiceStub
+
     # Every replica's is SERVING: given several, calls spread over them.
     REPLICA_HEALTH_SERVICE = pb.DESCRIPTOR.services_by_name["AdapterRegistryService"].full_name
-
-    def __init__(self, target: Any, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
-        self.stub = registry_pb2_grpc.AdapterRegistryServiceStub(self.channel)
 
     # adapters
 

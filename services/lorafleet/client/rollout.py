@@ -56,9 +56,7 @@ def _rid(request_id: str | None) -> str:
 
 
 class AsyncRolloutClient(AsyncServiceClient):
-    def __init__(self, target: Any, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
-        self.stub = rollout_pb2_grpc.RolloutServiceStub(self.channel)
+    STUB = rollout_pb2_grpc.RolloutServiceStub
 
     @staticmethod
     def generate_request(

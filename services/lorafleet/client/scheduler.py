@@ -80,12 +80,10 @@ WATCH_RECONNECT_S = 60.0
 
 
 class AsyncSchedulerClient(AsyncServiceClient):
+    STUB = scheduler_pb2_grpc.SchedulerServiceStub
+
     # Only the leader's is SERVING: given every replica, calls follow the leader.
     REPLICA_HEALTH_SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
-
-    def __init__(self, target: Any, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
-        self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
 
     async def submit(
         self, spec: pb.ExperimentSpec, *, experiment_id: str = "", request_id: str | None = None

@@ -106,9 +106,10 @@ def _optimizer(cfg: pb.OptimizerConfig | Mapping[str, float]) -> pb.OptimizerCon
 
 
 class AsyncTrainerClient(AsyncServiceClient):
+    STUB = trainer_pb2_grpc.TrainerServiceStub
+
     def __init__(self, target: Any, *, fencing_token: int = 0, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
         self.fencing_token = fencing_token
 
     async def _unary(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:

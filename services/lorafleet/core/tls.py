@@ -25,14 +25,16 @@ A server rereads its certificate, key and client CA when their files change
 (cert-manager renewing a mounted Secret, say): the next connection it accepts
 uses the new files, and connections already open keep theirs. A pair that is
 not yet valid (the certificate rewritten before its key) is refused by gRPC,
-which keeps serving the previous one until the files change again. Clients read
-their files when a channel is made: a client certificate's rotation reaches a
-process's outbound calls when it restarts.
+which keeps serving the previous one until the files change again. A client
+(``lorafleet.client``) that presents a certificate looks at its files at most
+once a second and, once they changed and the new certificate and key match,
+makes a new channel for its next calls; calls in flight finish on the old one.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,15 +157,7 @@ class CertificateReloader:
         return self._tls.certificate_configuration()
 
     def _signature(self) -> tuple[tuple[int, int, int] | None, ...]:
-        marks: list[tuple[int, int, int] | None] = []
-        for path in self._tls.files:
-            try:
-                st = Path(path).stat()
-            except OSError:
-                marks.append(None)
-            else:
-                marks.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(marks)
+        return file_signature(self._tls.files)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         # Must not raise: an exception here would surface inside gRPC's
@@ -183,6 +177,51 @@ class CertificateReloader:
             return None
         log.info("tls_certificates_reloaded", files=[str(p) for p in self._tls.files])
         return configuration
+
+
+class ClientCertificateWatch:
+    """Tells a client when its certificate files changed (a renewal), so that it
+    makes a new channel: gRPC Python reads a channel's credentials once.
+
+    Changes are seen as the server side sees them, by (mtime, size, inode). A
+    pair that does not match yet (the certificate rewritten before its key) is
+    not reported: the client keeps its channel and looks again later.
+    """
+
+    def __init__(self, tls: ClientTls) -> None:
+        self._tls = tls
+        self._files = tuple(p for p in (tls.cert_file, tls.key_file, tls.ca_file) if p)
+        self._seen = file_signature(self._files)
+
+    def changed(self) -> bool:
+        now = file_signature(self._files)
+        if now == self._seen:
+            return False
+        if self._tls.cert_file is not None and self._tls.key_file is not None:
+            try:  # the stdlib checks that the key belongs to the certificate
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+                    self._tls.cert_file, self._tls.key_file
+                )
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("tls_client_reload_waiting", error=str(exc),
+                            cert_file=str(self._tls.cert_file))
+                return False
+        self._seen = now
+        return True
+
+
+def file_signature(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int] | None, ...]:
+    """(mtime, size, inode) of each file, None where it cannot be read: a
+    Secret volume's symlink swap changes the inode even when the rest agrees."""
+    marks: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = Path(path).stat()
+        except OSError:
+            marks.append(None)
+        else:
+            marks.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(marks)
 
 
 _UNSET = object()

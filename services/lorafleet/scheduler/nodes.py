@@ -23,8 +23,6 @@ class NodeHandle:
     record: NodeRecord
     rollout: NodeRpc
     trainer: NodeRpc
-    rollout_stub: rollout_pb2_grpc.RolloutServiceStub
-    trainer_stub: trainer_pb2_grpc.TrainerServiceStub
     rollout_gate: FairShareGate
     train_gate: FairShareGate
     experiments: set[str] = field(default_factory=set)
@@ -39,11 +37,18 @@ class NodeHandle:
             record=record,
             rollout=rollout,
             trainer=trainer,
-            rollout_stub=rollout_pb2_grpc.RolloutServiceStub(rollout.channel),
-            trainer_stub=trainer_pb2_grpc.TrainerServiceStub(trainer.channel),
             rollout_gate=FairShareGate(budget_tokens),
             train_gate=FairShareGate(budget_tokens),
         )
+
+    @property
+    def rollout_stub(self) -> rollout_pb2_grpc.RolloutServiceStub:
+        # Through the client each time: after a certificate renewal its channel is new.
+        return self.rollout.stub_for(rollout_pb2_grpc.RolloutServiceStub)
+
+    @property
+    def trainer_stub(self) -> trainer_pb2_grpc.TrainerServiceStub:
+        return self.trainer.stub_for(trainer_pb2_grpc.TrainerServiceStub)
 
     @property
     def node_id(self) -> str:

@@ -131,7 +131,6 @@ class ExperimentRunner:
         self.record = record
         self.node = node
         self.registry = registry
-        self.registry_stub = registry_pb2_grpc.AdapterRegistryServiceStub(registry.channel)
         self.store = store
         self.env = env
         self.settings = settings
@@ -166,7 +165,8 @@ class ExperimentRunner:
         return await self.node.rollout.call(stub, request, self.settings.rollout_timeout_s)
 
     async def _registry(self, method: str, request):  # type: ignore[no-untyped-def]
-        return await self.registry.call(getattr(self.registry_stub, method), request)
+        stub = self.registry.stub_for(registry_pb2_grpc.AdapterRegistryServiceStub)
+        return await self.registry.call(getattr(stub, method), request)
 
     def _optimizer(self) -> trainer_pb2.OptimizerConfig:
         return trainer_pb2.OptimizerConfig(

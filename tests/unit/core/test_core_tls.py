@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from core_echo import EchoBehaviour, echo_binding
 
+from lorafleet.client import _base as client_base
 from lorafleet.client._base import AsyncServiceClient
 from lorafleet.core.config import ConfigError, ServiceSettings, load_settings
 from lorafleet.core.errors import Unavailable
@@ -177,6 +178,41 @@ async def test_a_server_takes_rotated_certificates_without_restarting(certs, oth
         # A file that vanishes mid-rotation changes nothing.
         live.cert_file.unlink()
         assert await health_via(address, new_ca) == "SERVING"
+
+
+async def test_a_client_takes_its_renewed_certificate_without_restarting(
+    certs, other_certs, tmp_path, monkeypatch
+):
+    """Mutual TLS: a client whose certificate the server refuses (another CA's,
+    as an expired one would be) recovers once its files hold a valid pair: its
+    next call goes out on a new channel, with no new client and no restart. A
+    half-written pair (the new certificate, the old key) keeps the old channel."""
+    monkeypatch.setattr(client_base, "CERTIFICATE_CHECK_INTERVAL_S", 0.0)
+    live = MeshCerts(certs.ca_file, tmp_path / "tls.crt", tmp_path / "tls.key")
+    _swap_in(other_certs.cert_file, live.cert_file)
+    _swap_in(other_certs.key_file, live.key_file)
+    tls = ClientTls(ca_file=certs.ca_file, cert_file=live.cert_file, key_file=live.key_file)
+    async with serving(tls_settings(certs, mutual=True)) as port:
+        client = AsyncServiceClient(f"127.0.0.1:{port}", timeout_s=2, tls=tls)
+        try:
+            with pytest.raises(Unavailable):
+                await client.health()
+            first = client.channel
+
+            _swap_in(certs.cert_file, live.cert_file)
+            with pytest.raises(Unavailable):
+                await client.health()
+            assert client.channel is first
+
+            _swap_in(certs.key_file, live.key_file)
+            assert await client.health() == "SERVING"
+            assert client.channel is not first
+            assert await client.health() == "SERVING"
+        finally:
+            await client.close()
+    # A plaintext client, or one without a certificate, never looks at files.
+    assert AsyncServiceClient("127.0.0.1:1", tls=None)._watch is None
+    assert AsyncServiceClient("127.0.0.1:1", tls=ClientTls(ca_file=certs.ca_file))._watch is None
 
 
 def test_settings_refuse_incomplete_or_missing_tls_files(certs, tmp_path):
