@@ -151,20 +151,17 @@ class CertificateReloader:
     def __init__(self, tls: ServerTls) -> None:
         self._tls = tls
         self._lock = threading.Lock()  # gRPC calls from its own threads
-        self._offered = self._signature()
+        self._offered = file_signature(self._tls.files)
 
     def initial(self) -> grpc.ServerCertificateConfiguration:
         return self._tls.certificate_configuration()
-
-    def _signature(self) -> tuple[tuple[int, int, int] | None, ...]:
-        return file_signature(self._tls.files)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         # Must not raise: an exception here would surface inside gRPC's
         # handshake path, not to anyone who could act on it.
         try:
             with self._lock:
-                now = self._signature()
+                now = file_signature(self._tls.files)
                 if now == self._offered:
                     return None
                 self._offered = now

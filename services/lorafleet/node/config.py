@@ -50,11 +50,8 @@ class NodeSettings(ServiceSettings):
     micro_batch_tokens: int | None = Field(
         default=None,
         ge=1,
-        description="Padded tokens of one forward/backward inside a fused pass, which bounds "
-        "the pass's activation memory. Unset: 1024 on CPU, 16384 on GPUs (on an H200, "
-        "Qwen2.5-0.5B architecture in bf16: peak 42 GiB, within 2% of the speed of 32768 at "
-        "82 GiB; benchmarks/README.md, GPU checks). A pass that runs out of device memory "
-        "fails with RESOURCE_EXHAUSTED TRAIN_PASS_OUT_OF_MEMORY, naming this setting.",
+        description="Padded tokens of one forward/backward in a fused train pass (the "
+        "trainer's micro_batch_tokens). Unset: 1024 on CPU, 16384 on GPUs.",
     )
     share_prompts: bool = Field(
         default=True,
