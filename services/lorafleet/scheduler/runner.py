@@ -35,7 +35,7 @@ from lorafleet.api.environment.v1 import environment_pb2 as env_pb
 from lorafleet.api.registry.v1 import registry_pb2, registry_pb2_grpc
 from lorafleet.api.rollout.v1 import rollout_pb2
 from lorafleet.api.trainer.v1 import trainer_pb2
-from lorafleet.core.errors import AlreadyExists
+from lorafleet.core.errors import Aborted, AlreadyExists
 from lorafleet.scheduler.batching import (
     ROLLOUT_CHUNKS_PER_BUDGET,
     TRAIN_CHUNKS_PER_BUDGET,
@@ -114,6 +114,18 @@ def sequence_mean_weights(samples: list[trainer_pb2.TrainSample]) -> None:
 
 class StopRun(Exception):
     """Raised inside the loop when the experiment should stop at a step boundary."""
+
+
+# The registry's answers when another publish of the adapter got there first.
+_RACED_REASONS = frozenset({"PUBLISH_IN_PROGRESS", "PARENT_VERSION_MISMATCH"})
+
+
+class PublishRaced(Exception):
+    """Another incarnation of this experiment (a leader stopping or deposed while
+    its step was in flight) published, or is publishing, the adapter's next
+    version. This runner's trainer state is then not the one behind the
+    registry's versions: it has been dropped, and the experiment must start
+    again from what is stored (`prepare` adopts the other publish if it landed)."""
 
 
 class ExperimentRunner:
@@ -628,17 +640,27 @@ class ExperimentRunner:
     async def _save_version(
         self, *, step: int, metrics: dict[str, float]
     ) -> adapter_pb2.AdapterRef:
-        response = await self._trainer(
-            "SaveVersion",
-            trainer_pb2.SaveVersionRequest(
-                request_id=self._rid("save-version", step),
-                adapter_id=self.record.adapter_id,
-                registry_adapter_id=self.record.adapter_id,
-                expected_parent_version=self.record.latest_version,
-                training_step=step,
-                metrics=metrics,
-            ),
+        request = trainer_pb2.SaveVersionRequest(
+            request_id=self._rid("save-version", step),
+            adapter_id=self.record.adapter_id,
+            registry_adapter_id=self.record.adapter_id,
+            expected_parent_version=self.record.latest_version,
+            training_step=step,
+            metrics=metrics,
         )
+        try:
+            response = await self._trainer("SaveVersion", request)
+        except Aborted as exc:
+            if exc.reason not in _RACED_REASONS:
+                raise
+            self.log.warning("publish_raced", step=step, reason=exc.reason)
+            await self._trainer(
+                "DropAdapter",
+                trainer_pb2.DropAdapterRequest(
+                    request_id=self._rid("drop-raced", step), adapter_id=self.record.adapter_id
+                ),
+            )
+            raise PublishRaced(f"step {step}: {exc.reason}: {exc.message}") from exc
         return response.ref
 
     async def _final_eval(self) -> None:

@@ -38,7 +38,12 @@ from lorafleet.scheduler.events import EventHub
 from lorafleet.scheduler.metrics import SchedulerMetrics
 from lorafleet.scheduler.nodes import NodeHandle, NodeRpc
 from lorafleet.scheduler.placement import NodeCapacity, choose_node
-from lorafleet.scheduler.runner import ExperimentRunner, RunnerSettings, StopRun
+from lorafleet.scheduler.runner import (
+    ExperimentRunner,
+    PublishRaced,
+    RunnerSettings,
+    StopRun,
+)
 from lorafleet.scheduler.spec import normalise_spec
 from lorafleet.scheduler.store import SchedulerStore
 from lorafleet.scheduler.types import (
@@ -493,6 +498,10 @@ class Scheduler:
         except asyncio.CancelledError:
             outcome = None  # cancel() / node loss record the state themselves
             raise
+        except PublishRaced as exc:
+            # Start again from what is stored; the other publish, if it landed,
+            # is adopted as the step it was.
+            outcome = (pb.EXPERIMENT_STATE_QUEUED, f"resuming after a concurrent publish ({exc})")
         except EnvironmentFailed as exc:
             log.warning("environment_failed", experiment=experiment_id, reason=exc.reason)
             outcome = (pb.EXPERIMENT_STATE_PAUSED, f"{exc.reason}: {exc.message}")
