@@ -239,6 +239,68 @@ def test_cli_pulls_an_adapter_that_loads_in_peft(workdir: Path, tiny_model_dir: 
     shutil.rmtree(path)
 
 
+def test_cli_starts_an_experiment_from_an_aliased_version(workdir: Path) -> None:
+    best = cli_json(workdir, "adapters", "get", "cli-count@best")["version"]["version"]
+    child = cli_json(
+        workdir, "submit", "--task", "count", "--steps", "1", "--init-from", "cli-count@best",
+        "--id", "cli-child",
+    )
+    # Pinned to the alias's version at submit; rank 4 is the source's (the spec
+    # file's), not the CLI's default of 8.
+    assert child["spec"]["initFrom"] == {"adapterId": "cli-count", "version": best}
+    assert child["spec"]["lora"]["rank"] == 4
+    done = wait_state(workdir, "cli-child", {"EXPERIMENT_STATE_COMPLETED"}, 120)
+    assert int(done["currentStep"]) == 1
+    listing = run_cli(workdir, "ls").stdout
+    assert f"↳ cli-count@{best}" in listing, listing
+
+    malformed = run_cli(workdir, "submit", "--task", "count", "--init-from", "@3", check=False)
+    assert malformed.returncode == 2 and "--init-from" in malformed.stderr
+    missing = run_cli(
+        workdir, "submit", "--task", "count", "--init-from", "cli-count@99", check=False
+    )
+    assert missing.returncode == 1 and "INIT_FROM_NOT_FOUND" in missing.stdout + missing.stderr
+    assert "cli-child" in [e["experimentId"] for e in cli_json(workdir, "ls")]
+
+
+def test_cli_sweep_submits_a_grid_once_then_follows_and_ranks_it(workdir: Path) -> None:
+    # A bad value anywhere in the grid: its variant named, nothing created.
+    bad = run_cli(
+        workdir, "sweep", "cli-bad", "--task", "count", "--grid", "lr=1e-3,5", check=False
+    )
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "INVALID_LEARNING_RATE" in bad.stdout and "cli-bad-1 (lr=5)" in bad.stdout
+    assert cli_json(workdir, "ls", "--label", "sweep=cli-bad") == []
+
+    sweep = ("sweep", "cli-grid", "--task", "count", "--steps", "2",
+             "--grid", "lr=1e-3,3e-3", "--grid", "seed=0,1")
+    ids = [f"cli-grid-{i}" for i in range(4)]
+    submitted = cli_json(workdir, *sweep)
+    assert [e["experimentId"] for e in submitted] == ids
+    assert [e["spec"]["labels"]["sweep.seed"] for e in submitted] == ["0", "1", "0", "1"]
+    assert submitted[2]["spec"]["algorithm"]["learningRate"] == pytest.approx(3e-3)
+
+    # The same command again with --watch submits nothing new, follows the
+    # four to the end and ranks them.
+    watched = run_cli(workdir, *sweep, "--watch")
+    assert "sweep cli-grid" in watched.stdout
+    assert "4 already submitted, 0 new" in watched.stderr
+    listed = cli_json(workdir, "ls", "--label", "sweep=cli-grid")
+    assert sorted(e["experimentId"] for e in listed) == ids
+    assert all(e["state"] == "EXPERIMENT_STATE_COMPLETED" for e in listed), listed
+    assert all(int(e["currentStep"]) == 2 for e in listed)
+    assert cli_json(workdir, "ls", "--label", "sweep=cli-grid", "--label", "sweep.seed=1") == [
+        e for e in listed if e["experimentId"] in ("cli-grid-1", "cli-grid-3")
+    ]
+
+    # Another grid under a taken name is refused; nothing is added.
+    clash = run_cli(
+        workdir, "sweep", "cli-grid", "--task", "count", "--grid", "lr=1e-2", check=False
+    )
+    assert clash.returncode == 1 and "another name" in clash.stderr, clash.stderr
+    assert len(cli_json(workdir, "ls", "--label", "sweep=cli-grid")) == 4
+
+
 def test_cli_follows_the_new_scheduler_leader_and_up_restarts_the_old_one(workdir: Path) -> None:
     manifest_path = workdir / "runs" / "cli" / "cluster.json"
     before = json.loads(manifest_path.read_text())

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from lorafleet.api.common.v1 import adapter_pb2
 from lorafleet.api.environment.v1 import environment_pb2 as env_pb
 from lorafleet.api.environment.v1 import environment_pb2_grpc
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
@@ -26,7 +29,7 @@ from lorafleet.client.scheduler import SchedulerClient, builtin_spec
 from lorafleet.client.trainer import TrainerClient
 from lorafleet.cluster.local import LocalCluster, ServiceSpec, health_status
 from lorafleet.cluster.topology import SCHEDULER_SERVICE, start_local_mesh
-from lorafleet.core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from lorafleet.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from lorafleet.scheduler.app import EXIT_LEASE_LOST
 from lorafleet.scheduler.types import TERMINAL_STATES
 
@@ -87,6 +90,7 @@ def test_invalid_specs_create_nothing(scheduler):
         (builtin_spec("count", learning_rate=-0.1), InvalidArgument, "INVALID_LEARNING_RATE"),
         (builtin_spec("count", group_size=1), InvalidArgument, "GROUP_SIZE_TOO_SMALL"),
         (builtin_spec("count", base_model=""), InvalidArgument, "BASE_MODEL_REQUIRED"),
+        (builtin_spec("count", init_from="nobody@1"), NotFound, "INIT_FROM_NOT_FOUND"),
     ]
     for spec, error, reason in cases:
         with pytest.raises(error) as info:
@@ -296,6 +300,46 @@ def test_hog_cannot_starve_a_light_experiment(scheduler):
     # Every sample was trained or left out for a zero advantage (no gradient).
     trained, zero = hog_step.train.num_sequences, hog_step.zero_advantage_sequences
     assert trained > 0 and trained + zero == 128 * 16, (trained, zero)
+
+
+def adapter_tensors(registry, adapter_id, version, directory):
+    path = registry.download_version(adapter_id, version, directory)
+    return {
+        name: tensor
+        for f in sorted(path.glob("*.safetensors"))
+        for name, tensor in load_file(f).items()
+    }
+
+
+def test_experiment_starts_from_another_experiments_pinned_version(scheduler, cluster, tmp_path):
+    source = scheduler.submit(
+        builtin_spec("copy", max_steps=3, rank=4), experiment_id="init-source"
+    ).experiment_id
+    wait_finished(scheduler, [source], timeout_s=300)
+    with RegistryClient(cluster.services["registry"].address) as registry:
+        registry.set_alias(source, "best", 3)
+        child = scheduler.submit(
+            builtin_spec("copy", max_steps=2, init_from=f"{source}@best"),
+            experiment_id="init-child",
+        )
+        # Pinned at submit, with the source's shape (the spec asked for no rank).
+        assert child.spec.init_from == adapter_pb2.AdapterSelector(adapter_id=source, version=3)
+        assert (child.spec.lora.rank, child.spec.base_model) == (4, "tiny")
+        # Moving the alias after submit does not change where the child starts.
+        registry.set_alias(source, "best", 4)
+        [finished] = wait_finished(scheduler, [child.experiment_id], timeout_s=300)
+        assert finished.state == pb.EXPERIMENT_STATE_COMPLETED, finished.state_reason
+        assert finished.current_step == 2
+        # The child's first version (step 0) holds exactly the source's version 3.
+        start = adapter_tensors(registry, child.experiment_id, 1, tmp_path / "child-1")
+        pinned = adapter_tensors(registry, source, 3, tmp_path / "source-3")
+        untrained = adapter_tensors(registry, source, 1, tmp_path / "source-1")
+        lineage = registry.get_adapter(child.experiment_id).labels
+    assert lineage["init_from"] == f"{source}@3"
+    assert start.keys() == pinned.keys() and start
+    assert all(torch.equal(start[k], pinned[k]) for k in start)
+    assert not all(torch.equal(start[k], untrained[k]) for k in start)
+    assert [m.step for m in step_metrics_of(scheduler, child.experiment_id)] == [1, 2]
 
 
 def test_scheduler_sigkill_resumes_without_lost_or_repeated_steps(scheduler, cluster):

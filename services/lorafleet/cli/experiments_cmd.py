@@ -17,9 +17,11 @@ from rich.table import Table
 
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
 from lorafleet.cli.failures import fail
+from lorafleet.cli.tables import fitted_table
 from lorafleet.cli.targets import address_options, resolve_address
+from lorafleet.client.registry import parse_selector, selector_text
 from lorafleet.client.scheduler import SchedulerClient, builtin_spec
-from lorafleet.core.errors import LorafleetError
+from lorafleet.core.errors import InvalidArgument, LorafleetError
 
 console = Console()
 
@@ -46,40 +48,38 @@ def _dump(message: Any) -> None:
 
 
 def experiments_table(experiments: list[pb.Experiment]) -> Table:
-    table = Table(title="experiments")
-    for column in (
-        "id",
-        "task",
-        "state",
-        "node",
-        "step",
-        "version",
-        "reward",
-        "base acc",
-        "acc",
-        "reason",
-    ):
-        table.add_column(column)
+    # Reasons follow the table (`print_experiments`), where they may take a whole line.
+    rows = []
     for e in experiments:
         env = e.spec.environment
         task = env.builtin.task if env.WhichOneof("kind") == "builtin" else env.remote.address
-        steps = f"{e.current_step}/{e.spec.algorithm.max_steps or '∞'}"
-        table.add_row(
-            e.experiment_id,
-            task,
-            _state(e.state),
-            e.node_id or "-",
-            steps,
-            str(e.latest_version),
-            f"{e.last_step.reward_mean:.3f}",
-            _accuracy(e, "base_accuracy"),
-            _accuracy(e, "latest_accuracy"),
-            e.state_reason,
+        if e.spec.HasField("init_from"):
+            task += f"\n↳ {selector_text(e.spec.init_from)}"
+        rows.append(
+            (
+                e.experiment_id,
+                task,
+                _state(e.state),
+                e.node_id or "-",
+                f"{e.current_step}/{e.spec.algorithm.max_steps or '∞'}",
+                str(e.latest_version),
+                f"{e.last_step.reward_mean:.3f}",
+                f"{_accuracy(e, 'base_accuracy')}→{_accuracy(e, 'latest_accuracy')}",
+            )
         )
-    return table
+    headers = ("id", "task", "state", "node", "step", "ver", "reward", "acc")
+    return fitted_table("experiments", headers, rows)
 
 
-def _load_spec_file(path: Path) -> pb.ExperimentSpec:
+def print_experiments(experiments: list[pb.Experiment]) -> None:
+    """The table, then why each experiment that stopped short stopped."""
+    console.print(experiments_table(experiments))
+    for e in experiments:
+        if e.state_reason and e.state != pb.EXPERIMENT_STATE_COMPLETED:
+            console.print(f"{e.experiment_id} {_state(e.state)}: {e.state_reason}")
+
+
+def load_spec_file(path: Path) -> pb.ExperimentSpec:
     text = path.read_text()
     data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     try:
@@ -88,7 +88,28 @@ def _load_spec_file(path: Path) -> pb.ExperimentSpec:
         raise click.BadParameter(f"{path}: {exc}", param_hint="--spec") from exc
 
 
-def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
+def _selector(ctx: click.Context, param: click.Parameter, text: str) -> Any:
+    if not text:
+        return None
+    try:
+        return parse_selector(text)
+    except InvalidArgument as exc:
+        raise click.BadParameter(
+            f"{text!r} is not ADAPTER[@VERSION|@ALIAS] ({exc.message})", ctx, param
+        ) from exc
+
+
+selector_option = click.option(
+    "--init-from",
+    default="",
+    callback=_selector,
+    metavar="ADAPTER[@VERSION|@ALIAS]",
+    help="Start from this registry version's weights (e.g. another experiment's "
+    "`exp-1a2b@best`) instead of fresh LoRA weights; pinned to a version at submit.",
+)
+
+
+def parse_params(values: tuple[str, ...]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for item in values:
         key, sep, raw = item.partition("=")
@@ -108,7 +129,10 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--task", help="Built-in task (when no --spec).")
 @click.option("--param", multiple=True, help="Task parameter KEY=VALUE (repeatable).")
 @click.option("--steps", type=int, default=20, show_default=True, help="0 = continual.")
-@click.option("--rank", type=int, default=8, show_default=True)
+@click.option(
+    "--rank", type=int, default=0, help="LoRA rank (0 = 8, or the --init-from adapter's)."
+)
+@selector_option
 @click.option("--lr", type=float, default=0.0, help="Learning rate (0 = default 3e-3).")
 @click.option("--group-size", type=int, default=0, help="Samples per prompt (0 = 8).")
 @click.option("--prompts-per-step", type=int, default=0, help="0 = 16.")
@@ -122,7 +146,7 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
 )
 @click.option("--weight", type=float, default=1.0, show_default=True, help="Fair-share weight.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--base-model", default="tiny", show_default=True)
+@click.option("--base-model", default=None, help="Default: tiny, or the --init-from adapter's.")
 @click.option("--name", "display_name", default="", help="Display name.")
 @click.option("--id", "experiment_id", default="", help="Experiment id (default: generated).")
 @address_options
@@ -132,6 +156,7 @@ def submit_command(
     param,
     steps,
     rank,
+    init_from,
     lr,
     group_size,
     prompts_per_step,  # type: ignore[no-untyped-def]
@@ -145,13 +170,15 @@ def submit_command(
     **options,
 ):
     """Submit an experiment; it starts at once on a node with a free slot."""
+    if base_model is None:
+        base_model = "" if init_from else "tiny"
     if spec_file:
-        spec = _load_spec_file(spec_file)
+        spec = load_spec_file(spec_file)
     elif task:
         spec = builtin_spec(
             task,
             base_model=base_model,
-            params=_parse_params(param),
+            params=parse_params(param),
             rank=rank,
             max_steps=steps,
             prompts_per_step=prompts_per_step,
@@ -165,6 +192,8 @@ def submit_command(
         )
     else:
         raise click.UsageError("give --spec FILE or --task NAME")
+    if init_from:
+        spec.init_from.CopyFrom(init_from)
     with _client(options) as client:
         try:
             experiment = client.submit(spec, experiment_id=experiment_id)
@@ -173,26 +202,44 @@ def submit_command(
     if options["as_json"]:
         _dump(experiment)
     else:
+        origin = (
+            f" from {selector_text(experiment.spec.init_from)}"
+            if experiment.spec.HasField("init_from")
+            else ""
+        )
         console.print(
-            f"submitted [bold]{experiment.experiment_id}[/bold] "
+            f"submitted [bold]{experiment.experiment_id}[/bold]{origin} "
             f"({_state(experiment.state)}); follow it with "
             f"`lorafleet watch {experiment.experiment_id}`"
         )
 
 
 @click.command("ls")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only experiments with this spec label (repeatable; e.g. sweep=lr-grid).",
+)
 @address_options
-def ls_command(**options):  # type: ignore[no-untyped-def]
+def ls_command(labels, **options):  # type: ignore[no-untyped-def]
     """List experiments."""
+    wanted = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--label")
+        wanted[key] = value
     with _client(options) as client:
         try:
-            experiments = client.list()
+            experiments = client.list(labels=wanted)
         except LorafleetError as err:
             _fail(err)
     if options["as_json"]:
         click.echo(json.dumps([json_format.MessageToDict(e) for e in experiments], indent=2))
     else:
-        console.print(experiments_table(experiments))
+        print_experiments(experiments)
 
 
 @click.command("get")
@@ -208,7 +255,7 @@ def get_command(experiment_id, **options):  # type: ignore[no-untyped-def]
     if options["as_json"]:
         _dump(experiment)
     else:
-        console.print(experiments_table([experiment]))
+        print_experiments([experiment])
 
 
 def _lifecycle_action(name: str, method: str, doc: str):  # type: ignore[no-untyped-def]

@@ -23,12 +23,14 @@ def _add_commands() -> None:
     from lorafleet.cli.cluster_cmd import demo_command, up_command
     from lorafleet.cli.experiments_cmd import COMMANDS
     from lorafleet.cli.model_cmd import model_group
+    from lorafleet.cli.sweep_cmd import sweep_command
 
     cli.add_command(up_command)
     cli.add_command(demo_command)
     cli.add_command(model_group)
     cli.add_command(adapters_group)
     cli.add_command(bench_group)
+    cli.add_command(sweep_command)
     for command in COMMANDS:
         cli.add_command(command)
 

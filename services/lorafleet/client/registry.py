@@ -71,6 +71,13 @@ def parse_selector(selector: str) -> adapter_pb2.AdapterSelector:
     return adapter_pb2.AdapterSelector(adapter_id=adapter_id, alias=which)
 
 
+def selector_text(selector: adapter_pb2.AdapterSelector) -> str:
+    """The inverse of `parse_selector`: "exp@3", "exp@best", "exp@latest"."""
+    which = selector.WhichOneof("version_selector")
+    suffix = str(selector.version) if which == "version" else selector.alias or "latest"
+    return f"{selector.adapter_id}@{suffix}"
+
+
 def _lora(spec: adapter_pb2.LoraSpec | Mapping[str, Any]) -> adapter_pb2.LoraSpec:
     if isinstance(spec, adapter_pb2.LoraSpec):
         return spec

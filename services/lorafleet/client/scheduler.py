@@ -17,6 +17,7 @@ from typing import Any
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
 from lorafleet.api.scheduler.v1 import scheduler_pb2_grpc
 from lorafleet.client._base import AsyncServiceClient, SyncBridge
+from lorafleet.client.registry import parse_selector
 from lorafleet.core.errors import Unavailable
 from lorafleet.environment.structs import dict_to_struct
 
@@ -30,7 +31,7 @@ def builtin_spec(
     *,
     base_model: str = "tiny",
     params: Mapping[str, Any] | None = None,
-    rank: int = 8,
+    rank: int = 0,
     alpha: float = 0.0,
     max_steps: int = 20,
     prompts_per_step: int = 0,
@@ -45,8 +46,14 @@ def builtin_spec(
     display_name: str = "",
     exact_match_reward: bool = False,
     logprob_gap_every: int = 0,
+    init_from: str = "",
 ) -> pb.ExperimentSpec:
-    """An ExperimentSpec for a built-in task; zero values mean the scheduler's defaults."""
+    """An ExperimentSpec for a built-in task; zero values mean the scheduler's defaults
+    (rank 8, or the source adapter's with `init_from`).
+
+    `init_from` ("exp-1a2b@7", "exp-1a2b@best", "exp-1a2b" for its latest) starts
+    from that registry version's weights instead of fresh ones.
+    """
     spec = pb.ExperimentSpec(
         display_name=display_name or task,
         base_model=base_model,
@@ -68,6 +75,8 @@ def builtin_spec(
     algo.eval_prompts = eval_prompts
     algo.exact_match_reward = exact_match_reward
     algo.logprob_gap_every = logprob_gap_every
+    if init_from:
+        spec.init_from.CopyFrom(parse_selector(init_from))
     return spec
 
 
@@ -93,18 +102,34 @@ class AsyncSchedulerClient(AsyncServiceClient):
         )
         return (await self._unary(self.stub.SubmitExperiment, request)).experiment
 
+    async def validate(self, spec: pb.ExperimentSpec, *, experiment_id: str = "") -> pb.Experiment:
+        """The experiment `submit` would create (defaults filled, `init_from`
+        pinned), or the error it would raise; creates nothing."""
+        request = pb.SubmitExperimentRequest(
+            spec=spec, experiment_id=experiment_id, validate_only=True
+        )
+        return (await self._unary(self.stub.SubmitExperiment, request)).experiment
+
     async def get(self, experiment_id: str) -> pb.Experiment:
         request = pb.GetExperimentRequest(experiment_id=experiment_id)
         return (await self._unary(self.stub.GetExperiment, request)).experiment
 
-    async def list(self, states: Iterable[int] = ()) -> list[pb.Experiment]:
-        """Every experiment (all pages), optionally only in `states`."""
+    async def list(
+        self, states: Iterable[int] = (), *, labels: Mapping[str, str] | None = None
+    ) -> list[pb.Experiment]:
+        """Every experiment (all pages), optionally only in `states` and only
+        those whose spec labels include `labels`."""
         out: list[pb.Experiment] = []
         token = ""
         while True:
             response = await self._unary(
                 self.stub.ListExperiments,
-                pb.ListExperimentsRequest(states=list(states), page_token=token, page_size=500),
+                pb.ListExperimentsRequest(
+                    states=list(states),
+                    page_token=token,
+                    page_size=500,
+                    labels=dict(labels or {}),
+                ),
             )
             out.extend(response.experiments)
             token = response.next_page_token

@@ -35,6 +35,7 @@ from lorafleet.api.environment.v1 import environment_pb2 as env_pb
 from lorafleet.api.registry.v1 import registry_pb2, registry_pb2_grpc
 from lorafleet.api.rollout.v1 import rollout_pb2
 from lorafleet.api.trainer.v1 import trainer_pb2
+from lorafleet.client.registry import selector_text
 from lorafleet.core.errors import Aborted, AlreadyExists
 from lorafleet.scheduler.batching import (
     ROLLOUT_CHUNKS_PER_BUDGET,
@@ -202,6 +203,7 @@ class ExperimentRunner:
                     experiment_id=self.exp,
                     base_model=self.spec.base_model,
                     lora=self.spec.lora,
+                    labels=self._lineage(),
                 ),
             )
         registered = (
@@ -228,6 +230,12 @@ class ExperimentRunner:
             version=rec.latest_version,
             base_accuracy=rec.base_accuracy,
         )
+
+    def _lineage(self) -> dict[str, str]:
+        # The registry alone then tells where an adapter's weights started.
+        if not self.spec.HasField("init_from"):
+            return {}
+        return {"init_from": selector_text(self.spec.init_from)}
 
     async def _adopt_orphan_version(self, registry_latest: int) -> None:
         """A step published its version but the scheduler died before storing the
@@ -316,6 +324,9 @@ class ExperimentRunner:
                 adapter_pb2.AdapterSelector(adapter_id=rec.adapter_id, version=rec.latest_version)
             )
             self.log.warning("optimizer_state_reset", step=rec.current_step)
+        elif self.spec.HasField("init_from"):
+            # Step 0 of an experiment started from another version (pinned at submit).
+            request.from_version.CopyFrom(self.spec.init_from)
         await self._trainer("CreateAdapter", request)
 
     # -- the loop ---------------------------------------------------------------------

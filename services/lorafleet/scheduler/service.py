@@ -14,7 +14,7 @@ import dataclasses
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import structlog
 from google.protobuf import timestamp_pb2
@@ -23,6 +23,7 @@ from lorafleet.api.common.v1 import metrics_pb2
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
 from lorafleet.api.trainer.v1 import trainer_pb2
 from lorafleet.core.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -35,6 +36,7 @@ from lorafleet.environment.structs import struct_to_dict
 from lorafleet.scheduler.config import SchedulerSettings
 from lorafleet.scheduler.environments import EnvironmentFailed, open_environment
 from lorafleet.scheduler.events import EventHub
+from lorafleet.scheduler.init_from import pin_init_from
 from lorafleet.scheduler.metrics import SchedulerMetrics
 from lorafleet.scheduler.nodes import NodeHandle, NodeRpc
 from lorafleet.scheduler.placement import NodeCapacity, choose_node
@@ -179,24 +181,39 @@ class Scheduler:
 
     # -- experiments ------------------------------------------------------------------------
 
-    async def submit(self, spec: pb.ExperimentSpec, experiment_id: str = "") -> ExperimentRecord:
+    async def validate(self, spec: pb.ExperimentSpec, experiment_id: str = "") -> ExperimentRecord:
+        """The record `submit` would store, or the error it would raise; stores nothing."""
         if experiment_id and not _ID.fullmatch(experiment_id):
             raise InvalidArgument(
                 f"experiment_id {experiment_id!r} must match {ID_PATTERN}",
                 reason="INVALID_EXPERIMENT_ID",
             )
+        spec = await pin_init_from(spec, self.registry)
         normalised = normalise_spec(spec, [n.record for n in self.nodes.values()])
-        experiment_id = experiment_id or f"exp-{uuid.uuid4().hex[:10]}"
-        record = ExperimentRecord(
+        if experiment_id:
+            with contextlib.suppress(NotFound):
+                await self.store.get_experiment(experiment_id)
+                raise AlreadyExists(
+                    f"experiment {experiment_id!r} already exists", reason="EXPERIMENT_EXISTS"
+                )
+        return ExperimentRecord(
             experiment_id=experiment_id,
             spec=normalised,
+            state=pb.EXPERIMENT_STATE_UNSPECIFIED,
             adapter_id=experiment_id,
             create_time=time.time(),
         )
+
+    async def submit(self, spec: pb.ExperimentSpec, experiment_id: str = "") -> ExperimentRecord:
+        record = await self.validate(spec, experiment_id)
+        experiment_id = experiment_id or f"exp-{uuid.uuid4().hex[:10]}"
+        record.experiment_id = record.adapter_id = experiment_id
+        record.state = pb.EXPERIMENT_STATE_QUEUED
+        # validate looked for a taken id already; the insert refuses one atomically.
         await self.store.insert_experiment(record)
         self._queued_since[experiment_id] = time.monotonic()
         await self._event(record, pb.EXPERIMENT_STATE_QUEUED, "submitted")
-        log.info("experiment_submitted", experiment=experiment_id, task=_task_name(normalised))
+        log.info("experiment_submitted", experiment=experiment_id, task=_task_name(record.spec))
         self._wake.set()
         return record
 
@@ -204,9 +221,16 @@ class Scheduler:
         return await self.store.get_experiment(experiment_id)
 
     async def list(
-        self, states: Sequence[int], *, after_id: str, limit: int
+        self,
+        states: Sequence[int],
+        *,
+        after_id: str,
+        limit: int,
+        labels: Mapping[str, str] | None = None,
     ) -> list[ExperimentRecord]:
-        return await self.store.list_experiments(states, after_id=after_id, limit=limit)
+        return await self.store.list_experiments(
+            states, after_id=after_id, limit=limit, labels=labels
+        )
 
     async def pause(self, experiment_id: str) -> ExperimentRecord:
         rec = await self.store.get_experiment(experiment_id)

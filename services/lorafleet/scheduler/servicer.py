@@ -44,6 +44,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             record = await self.scheduler.submit(request.spec, request.experiment_id)
             return pb.SubmitExperimentResponse(experiment=to_proto(record))
 
+        if request.validate_only:
+            # Changes nothing, so it needs no request_id and is never replayed.
+            record = await self.scheduler.validate(request.spec, request.experiment_id)
+            return pb.SubmitExperimentResponse(experiment=to_proto(record))
         return await self._once("SubmitExperiment", request, submit, pb.SubmitExperimentResponse)
 
     async def GetExperiment(
@@ -61,7 +65,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         # The page token is the last id of the previous page (ids are unique and
         # the listing is ordered by id), so pages stay stable under inserts.
         records = await self.scheduler.list(
-            list(request.states), after_id=request.page_token, limit=size + 1
+            list(request.states),
+            after_id=request.page_token,
+            limit=size + 1,
+            labels=dict(request.labels),
         )
         page = records[:size]
         token = page[-1].experiment_id if len(records) > size else ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import sqlalchemy as sa
@@ -226,10 +226,35 @@ class SchedulerStore:
         return _record(row)
 
     async def list_experiments(
-        self, states: Iterable[int] = (), *, after_id: str = "", limit: int = 1000
+        self,
+        states: Iterable[int] = (),
+        *,
+        after_id: str = "",
+        limit: int = 1000,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[ExperimentRecord]:
+        """Up to `limit` experiments after `after_id` in id order, only those in
+        `states` (any when empty) whose spec labels include `labels`."""
+        states = list(states)
+        if not labels:
+            return await self._experiments_page(states, after_id, limit)
+        # Labels live inside the stored spec: read pages in id order and keep
+        # the matches until `limit` of them are found or the table ends.
+        wanted = dict(labels)
+        found: list[ExperimentRecord] = []
+        cursor = after_id
+        while len(found) < limit:
+            page = await self._experiments_page(states, cursor, limit)
+            found += [r for r in page if wanted.items() <= dict(r.spec.labels).items()]
+            if len(page) < limit:
+                break
+            cursor = page[-1].experiment_id
+        return found[:limit]
+
+    async def _experiments_page(
+        self, states: list[int], after_id: str, limit: int
     ) -> list[ExperimentRecord]:
         query = sa.select(experiments).order_by(experiments.c.experiment_id).limit(limit)
-        states = list(states)
         if states:
             query = query.where(experiments.c.state.in_(states))
         if after_id:

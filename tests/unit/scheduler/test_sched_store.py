@@ -65,6 +65,34 @@ async def test_experiment_round_trip_and_duplicates(store):
         await store.get_experiment("nope")
 
 
+async def test_listing_by_labels_pages_over_the_whole_table(store):
+    await store.create_tables()
+    for i in range(9):
+        record = _record(f"exp-{i}")
+        record.spec.labels["sweep"] = "grid" if i % 3 else "other"
+        record.spec.labels["seed"] = str(i % 2)
+        await store.insert_experiment(record)
+    await store.update_experiment("exp-4", state=pb.EXPERIMENT_STATE_COMPLETED)
+
+    def ids(records):
+        return [r.experiment_id for r in records]
+
+    grid = ["exp-1", "exp-2", "exp-4", "exp-5", "exp-7", "exp-8"]
+    assert ids(await store.list_experiments(labels={"sweep": "grid"})) == grid
+    # Pages hold `limit` matches even when non-matching rows lie between them.
+    first = await store.list_experiments(labels={"sweep": "grid"}, limit=4)
+    assert ids(first) == grid[:4]
+    rest = await store.list_experiments(labels={"sweep": "grid"}, after_id="exp-5", limit=4)
+    assert ids(rest) == grid[4:]
+    both = await store.list_experiments(labels={"sweep": "grid", "seed": "0"})
+    assert ids(both) == ["exp-2", "exp-4", "exp-8"]
+    queued = await store.list_experiments(
+        [pb.EXPERIMENT_STATE_QUEUED], labels={"sweep": "grid", "seed": "0"}
+    )
+    assert ids(queued) == ["exp-2", "exp-8"]
+    assert await store.list_experiments(labels={"sweep": "nope"}) == []
+
+
 async def test_a_step_is_stored_once_and_advances_the_counter_atomically(store):
     await store.create_tables()
     await store.insert_experiment(_record("exp-2"))

@@ -114,7 +114,7 @@ class AlgorithmSpec(_message.Message):
     def __init__(self, algorithm: _Optional[_Union[Algorithm, str]] = ..., prompts_per_step: _Optional[int] = ..., group_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_epsilon: _Optional[float] = ..., kl_coef: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_staleness: _Optional[int] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., eval_every: _Optional[int] = ..., eval_prompts: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., weight_decay: _Optional[float] = ..., exact_match_reward: _Optional[bool] = ..., logprob_gap_every: _Optional[int] = ...) -> None: ...
 
 class ExperimentSpec(_message.Message):
-    __slots__ = ("display_name", "base_model", "environment", "lora", "algorithm", "weight", "seed", "labels")
+    __slots__ = ("display_name", "base_model", "environment", "lora", "algorithm", "weight", "seed", "labels", "init_from")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class ExperimentSpec(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    INIT_FROM_FIELD_NUMBER: _ClassVar[int]
     display_name: str
     base_model: str
     environment: EnvironmentSpec
@@ -138,7 +139,8 @@ class ExperimentSpec(_message.Message):
     weight: float
     seed: int
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, display_name: _Optional[str] = ..., base_model: _Optional[str] = ..., environment: _Optional[_Union[EnvironmentSpec, _Mapping]] = ..., lora: _Optional[_Union[_adapter_pb2.LoraSpec, _Mapping]] = ..., algorithm: _Optional[_Union[AlgorithmSpec, _Mapping]] = ..., weight: _Optional[float] = ..., seed: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    init_from: _adapter_pb2.AdapterSelector
+    def __init__(self, display_name: _Optional[str] = ..., base_model: _Optional[str] = ..., environment: _Optional[_Union[EnvironmentSpec, _Mapping]] = ..., lora: _Optional[_Union[_adapter_pb2.LoraSpec, _Mapping]] = ..., algorithm: _Optional[_Union[AlgorithmSpec, _Mapping]] = ..., weight: _Optional[float] = ..., seed: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., init_from: _Optional[_Union[_adapter_pb2.AdapterSelector, _Mapping]] = ...) -> None: ...
 
 class Experiment(_message.Message):
     __slots__ = ("name", "experiment_id", "spec", "state", "state_reason", "node_id", "current_step", "adapter_id", "latest_version", "base_accuracy", "latest_accuracy", "last_step", "create_time", "start_time", "end_time", "queue_wait_ms")
@@ -189,14 +191,16 @@ class StepSummary(_message.Message):
     def __init__(self, step: _Optional[int] = ..., reward_mean: _Optional[float] = ..., accuracy: _Optional[float] = ..., step_ms: _Optional[float] = ...) -> None: ...
 
 class SubmitExperimentRequest(_message.Message):
-    __slots__ = ("request_id", "spec", "experiment_id")
+    __slots__ = ("request_id", "spec", "experiment_id", "validate_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     spec: ExperimentSpec
     experiment_id: str
-    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[ExperimentSpec, _Mapping]] = ..., experiment_id: _Optional[str] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[ExperimentSpec, _Mapping]] = ..., experiment_id: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class SubmitExperimentResponse(_message.Message):
     __slots__ = ("experiment",)
@@ -217,14 +221,23 @@ class GetExperimentResponse(_message.Message):
     def __init__(self, experiment: _Optional[_Union[Experiment, _Mapping]] = ...) -> None: ...
 
 class ListExperimentsRequest(_message.Message):
-    __slots__ = ("states", "page_size", "page_token")
+    __slots__ = ("states", "page_size", "page_token", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     STATES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[ExperimentState]
     page_size: int
     page_token: str
-    def __init__(self, states: _Optional[_Iterable[_Union[ExperimentState, str]]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, states: _Optional[_Iterable[_Union[ExperimentState, str]]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListExperimentsResponse(_message.Message):
     __slots__ = ("experiments", "next_page_token")
