@@ -29,7 +29,13 @@ from lorafleet.client.scheduler import SchedulerClient, builtin_spec
 from lorafleet.client.trainer import TrainerClient
 from lorafleet.cluster.local import LocalCluster, ServiceSpec, health_status
 from lorafleet.cluster.topology import SCHEDULER_SERVICE, start_local_mesh
-from lorafleet.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from lorafleet.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from lorafleet.scheduler.app import EXIT_LEASE_LOST
 from lorafleet.scheduler.types import TERMINAL_STATES
 
@@ -318,6 +324,15 @@ def test_experiment_starts_from_another_experiments_pinned_version(scheduler, cl
     wait_finished(scheduler, [source], timeout_s=300)
     with RegistryClient(cluster.services["registry"].address) as registry:
         registry.set_alias(source, "best", 3)
+        # validate_only answers what a submit would create, and creates nothing.
+        before = len(scheduler.list())
+        checked = scheduler.validate(builtin_spec("copy", init_from=f"{source}@best"))
+        assert checked.state == pb.EXPERIMENT_STATE_UNSPECIFIED
+        assert checked.spec.init_from.version == 3 and checked.spec.lora.rank == 4
+        with pytest.raises(AlreadyExists) as taken:
+            scheduler.validate(builtin_spec("copy"), experiment_id=source)
+        assert taken.value.reason == "EXPERIMENT_EXISTS"
+        assert len(scheduler.list()) == before
         child = scheduler.submit(
             builtin_spec("copy", max_steps=2, init_from=f"{source}@best"),
             experiment_id="init-child",
