@@ -71,12 +71,20 @@ def experiments_table(experiments: list[pb.Experiment]) -> Table:
     return fitted_table("experiments", headers, rows)
 
 
+def stop_reasons(experiments: list[pb.Experiment]) -> list[str]:
+    """Why each experiment that is not running to completion stopped or waits."""
+    return [
+        f"{e.experiment_id} {_state(e.state)}: {e.state_reason}"
+        for e in experiments
+        if e.state_reason and e.state != pb.EXPERIMENT_STATE_COMPLETED
+    ]
+
+
 def print_experiments(experiments: list[pb.Experiment]) -> None:
-    """The table, then why each experiment that stopped short stopped."""
+    """The table, then the reasons (they may take whole lines)."""
     console.print(experiments_table(experiments))
-    for e in experiments:
-        if e.state_reason and e.state != pb.EXPERIMENT_STATE_COMPLETED:
-            console.print(f"{e.experiment_id} {_state(e.state)}: {e.state_reason}")
+    for line in stop_reasons(experiments):
+        console.print(line)
 
 
 def load_spec_file(path: Path) -> pb.ExperimentSpec:
@@ -119,20 +127,55 @@ def parse_params(values: tuple[str, ...]) -> dict[str, Any]:
     return params
 
 
+def spec_source_options(fn):  # type: ignore[no-untyped-def]
+    """--spec FILE, or --task with --param and --steps, and --init-from: where
+    `submit` and `sweep` take their (base) spec from."""
+    for option in reversed(
+        (
+            click.option(
+                "--spec",
+                "spec_file",
+                type=click.Path(path_type=Path, exists=True),
+                help="ExperimentSpec as YAML or TOML (proto field names).",
+            ),
+            click.option("--task", help="Built-in task (when no --spec)."),
+            click.option("--param", multiple=True, help="Task parameter KEY=VALUE (repeatable)."),
+            click.option("--steps", type=int, default=20, show_default=True, help="0 = continual."),
+            selector_option,
+        )
+    ):
+        fn = option(fn)
+    return fn
+
+
+def build_spec(  # type: ignore[no-untyped-def]
+    spec_file, task, param, steps, init_from, base_model, **builtin_options
+) -> pb.ExperimentSpec:
+    """The spec `spec_source_options` describe; `builtin_options` go to
+    `builtin_spec` when it is built from --task."""
+    if spec_file:
+        spec = load_spec_file(spec_file)
+    elif task:
+        spec = builtin_spec(
+            task,
+            # Empty with --init-from: the source's.
+            base_model=base_model or ("" if init_from else "tiny"),
+            params=parse_params(param),
+            max_steps=steps,
+            **builtin_options,
+        )
+    else:
+        raise click.UsageError("give --spec FILE or --task NAME")
+    if init_from:
+        spec.init_from.CopyFrom(init_from)
+    return spec
+
+
 @click.command("submit")
-@click.option(
-    "--spec",
-    "spec_file",
-    type=click.Path(path_type=Path, exists=True),
-    help="ExperimentSpec as YAML or TOML (proto field names).",
-)
-@click.option("--task", help="Built-in task (when no --spec).")
-@click.option("--param", multiple=True, help="Task parameter KEY=VALUE (repeatable).")
-@click.option("--steps", type=int, default=20, show_default=True, help="0 = continual.")
+@spec_source_options
 @click.option(
     "--rank", type=int, default=0, help="LoRA rank (0 = 8, or the --init-from adapter's)."
 )
-@selector_option
 @click.option("--lr", type=float, default=0.0, help="Learning rate (0 = default 3e-3).")
 @click.option("--group-size", type=int, default=0, help="Samples per prompt (0 = 8).")
 @click.option("--prompts-per-step", type=int, default=0, help="0 = 16.")
@@ -170,30 +213,23 @@ def submit_command(
     **options,
 ):
     """Submit an experiment; it starts at once on a node with a free slot."""
-    if base_model is None:
-        base_model = "" if init_from else "tiny"
-    if spec_file:
-        spec = load_spec_file(spec_file)
-    elif task:
-        spec = builtin_spec(
-            task,
-            base_model=base_model,
-            params=parse_params(param),
-            rank=rank,
-            max_steps=steps,
-            prompts_per_step=prompts_per_step,
-            group_size=group_size,
-            learning_rate=lr,
-            max_staleness=max_staleness,
-            logprob_gap_every=logprob_gap_every,
-            weight=weight,
-            seed=seed,
-            display_name=display_name,
-        )
-    else:
-        raise click.UsageError("give --spec FILE or --task NAME")
-    if init_from:
-        spec.init_from.CopyFrom(init_from)
+    spec = build_spec(
+        spec_file,
+        task,
+        param,
+        steps,
+        init_from,
+        base_model,
+        rank=rank,
+        prompts_per_step=prompts_per_step,
+        group_size=group_size,
+        learning_rate=lr,
+        max_staleness=max_staleness,
+        logprob_gap_every=logprob_gap_every,
+        weight=weight,
+        seed=seed,
+        display_name=display_name,
+    )
     with _client(options) as client:
         try:
             experiment = client.submit(spec, experiment_id=experiment_id)

@@ -12,11 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from lorafleet.api.scheduler.v1 import scheduler_pb2 as pb
-from lorafleet.cli.experiments_cmd import load_spec_file, parse_params, selector_option
+from lorafleet.cli.experiments_cmd import build_spec, spec_source_options, stop_reasons
 from lorafleet.cli.failures import fail
 from lorafleet.cli.tables import fitted_table
 from lorafleet.cli.targets import address_options, resolve_address
-from lorafleet.client.scheduler import SchedulerClient, builtin_spec
+from lorafleet.client.scheduler import SchedulerClient
 from lorafleet.client.sweep import SWEEP_LABEL, SweepError, Variant, expand, matches, parse_grid
 from lorafleet.cluster.progress import follow_live, plot_reward_curves, state_name
 from lorafleet.core.errors import LorafleetError
@@ -38,16 +38,7 @@ notes = Console(stderr=True)  # never mixed into --json output
     "rank, alpha, weight, any AlgorithmSpec field (group_size, kl_coef, ...), "
     "param.NAME for a task parameter, or a dotted ExperimentSpec path.",
 )
-@click.option(
-    "--spec",
-    "spec_file",
-    type=click.Path(path_type=Path, exists=True),
-    help="Base ExperimentSpec as YAML or TOML (proto field names).",
-)
-@click.option("--task", help="Built-in task of the base spec (when no --spec).")
-@click.option("--param", multiple=True, help="Task parameter KEY=VALUE (repeatable).")
-@click.option("--steps", type=int, default=20, show_default=True, help="0 = continual.")
-@selector_option
+@spec_source_options
 @click.option("--base-model", default=None, help="Default: tiny, or the --init-from adapter's.")
 @click.option("--watch", is_flag=True, help="Follow the sweep live, then rank its results.")
 @click.option(
@@ -67,23 +58,25 @@ def sweep_command(
     submits only what is missing, so an interrupted sweep can be finished and a
     running one followed with --watch.
     """
-    base = _base_spec(spec_file, task, param, steps, init_from, base_model)
+    base = build_spec(spec_file, task, param, steps, init_from, base_model)
     try:
         variants = expand(name, base, parse_grid(grid_items))
     except SweepError as exc:
         raise click.BadParameter(str(exc), param_hint="--grid / NAME") from exc
     address = resolve_address(options["scheduler"], "scheduler", options["cluster_file"])
     started = time.monotonic()
+    # With --json, stdout holds the JSON alone: the live table goes to stderr.
+    screen = notes if options["as_json"] else console
     with SchedulerClient(address) as client:
         try:
             experiments = _submit_missing(client, name, variants)
             if watch:
                 ids = [v.experiment_id for v in variants]
-                results = follow_live(client, ids, console, started=started, title=f"sweep {name}")
+                results = follow_live(client, ids, screen, started=started, title=f"sweep {name}")
                 experiments = [r.experiment for r in results]
                 if plots:
                     written = plot_reward_curves(results, plots)
-                    console.print(f"reward curves: {len(written)} PNGs under {plots}")
+                    screen.print(f"reward curves: {len(written)} PNGs under {plots}")
         except LorafleetError as err:
             fail(console, err)
     if options["as_json"]:
@@ -93,9 +86,8 @@ def sweep_command(
         by_value = means_table(variants, experiments)
         if by_value is not None:
             console.print(by_value)
-        for e in experiments:
-            if e.state_reason and e.state != pb.EXPERIMENT_STATE_COMPLETED:
-                console.print(f"{e.experiment_id} {state_name(e.state)}: {e.state_reason}")
+        for line in stop_reasons(experiments):
+            console.print(line)
         if not watch and not all(e.state in TERMINAL_STATES for e in experiments):
             console.print(
                 f"follow it with `lorafleet ls --label {SWEEP_LABEL}={name}`, or run this"
@@ -103,22 +95,6 @@ def sweep_command(
             )
     if watch and any(e.state == pb.EXPERIMENT_STATE_FAILED for e in experiments):
         raise SystemExit(1)
-
-
-def _base_spec(spec_file, task, param, steps, init_from, base_model) -> pb.ExperimentSpec:  # type: ignore[no-untyped-def]
-    if base_model is None:
-        base_model = "" if init_from else "tiny"
-    if spec_file:
-        spec = load_spec_file(spec_file)
-        if init_from:
-            spec.init_from.CopyFrom(init_from)
-        return spec
-    if not task:
-        raise click.UsageError("give --spec FILE or --task NAME for the base spec")
-    spec = builtin_spec(task, base_model=base_model, params=parse_params(param), max_steps=steps)
-    if init_from:
-        spec.init_from.CopyFrom(init_from)
-    return spec
 
 
 def _submit_missing(

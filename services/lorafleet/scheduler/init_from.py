@@ -24,7 +24,7 @@ async def pin_init_from(spec: pb.ExperimentSpec, registry: NodeRpc) -> pb.Experi
     `init_from`.
 
     Raises:
-        InvalidArgument: INIT_FROM_INVALID (no adapter id, version < 0),
+        InvalidArgument: INIT_FROM_INVALID (no adapter id, version < 1),
             INIT_BASE_MODEL_MISMATCH, INIT_LORA_MISMATCH.
         NotFound: INIT_FROM_NOT_FOUND (no such adapter, version or alias, or
             the version is not READY).

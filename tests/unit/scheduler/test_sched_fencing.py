@@ -6,46 +6,25 @@ tests/e2e/test_scheduler_e2e.py)."""
 from __future__ import annotations
 
 from lorafleet.api.trainer.v1 import trainer_pb2
-from lorafleet.client.scheduler import builtin_spec
 from lorafleet.core.database import Database
 from lorafleet.scheduler.config import SchedulerSettings
-from lorafleet.scheduler.nodes import NodeHandle
-from lorafleet.scheduler.runner import ExperimentRunner, RunnerSettings
 from lorafleet.scheduler.service import Scheduler
 from lorafleet.scheduler.store import SchedulerStore
-from lorafleet.scheduler.types import ExperimentRecord, NodeRecord
 
 
-async def test_trainer_calls_that_change_the_adapter_carry_the_token():
-    record = ExperimentRecord("exp-f", builtin_spec("add"), adapter_id="exp-f", latest_version=1)
-    node = NodeHandle.connect(
-        NodeRecord("n0", "127.0.0.1:1", "127.0.0.1:1", "tiny", slots=1, max_rank=8),
-        budget_tokens=65536,
-    )
-    runner = ExperimentRunner(
-        record,
-        node,
-        node.trainer,
-        store=None,  # type: ignore[arg-type]
-        env=None,  # type: ignore[arg-type]
-        settings=RunnerSettings(5.0, 5.0, 1, fencing_token=9),
-        on_step=lambda m: None,
-        should_stop=lambda: False,
-    )
+async def test_trainer_calls_that_change_the_adapter_carry_the_token(offline_runner):
+    runner = offline_runner("exp-f", latest_version=1, fencing_token=9)
     sent = []
 
     async def call(stub, request, timeout_s):  # type: ignore[no-untyped-def]
         sent.append(request)
         return trainer_pb2.GetTrainerStatusResponse()
 
-    node.trainer.call = call  # type: ignore[method-assign]
-    try:
-        await runner._trainer("OptimStep", trainer_pb2.OptimStepRequest(adapter_id="exp-f"))
-        await runner._trainer("SaveState", trainer_pb2.SaveStateRequest(adapter_id="exp-f"))
-        # A read has no token to carry: it goes out as it came.
-        await runner._trainer("GetTrainerStatus", trainer_pb2.GetTrainerStatusRequest())
-    finally:
-        await node.close()
+    runner.node.trainer.call = call  # type: ignore[method-assign]
+    await runner._trainer("OptimStep", trainer_pb2.OptimStepRequest(adapter_id="exp-f"))
+    await runner._trainer("SaveState", trainer_pb2.SaveStateRequest(adapter_id="exp-f"))
+    # A read has no token to carry: it goes out as it came.
+    await runner._trainer("GetTrainerStatus", trainer_pb2.GetTrainerStatusRequest())
     assert [r.fencing_token for r in sent[:2]] == [9, 9]
     assert [type(r).__name__ for r in sent] == [
         "OptimStepRequest",

@@ -9,30 +9,13 @@ from __future__ import annotations
 import pytest
 
 from lorafleet.api.trainer.v1 import trainer_pb2
-from lorafleet.client.scheduler import builtin_spec
 from lorafleet.core.errors import Aborted
-from lorafleet.scheduler.nodes import NodeHandle
-from lorafleet.scheduler.runner import ExperimentRunner, PublishRaced, RunnerSettings
-from lorafleet.scheduler.types import ExperimentRecord, NodeRecord
+from lorafleet.scheduler.runner import PublishRaced
 
 
 @pytest.fixture
-async def runner_and_calls():
-    record = ExperimentRecord("exp-r", builtin_spec("add"), adapter_id="exp-r", latest_version=3)
-    node = NodeHandle.connect(
-        NodeRecord("n0", "127.0.0.1:1", "127.0.0.1:1", "tiny", slots=1, max_rank=8),
-        budget_tokens=65536,
-    )
-    runner = ExperimentRunner(
-        record,
-        node,
-        node.trainer,
-        store=None,  # type: ignore[arg-type]
-        env=None,  # type: ignore[arg-type]
-        settings=RunnerSettings(5.0, 5.0, 1, fencing_token=4),
-        on_step=lambda m: None,
-        should_stop=lambda: False,
-    )
+def runner_and_calls(offline_runner):
+    runner = offline_runner("exp-r", latest_version=3, fencing_token=4)
     calls: list = []
     answers: dict = {}
 
@@ -43,9 +26,8 @@ async def runner_and_calls():
             raise answer
         return answer
 
-    node.trainer.call = call  # type: ignore[method-assign]
-    yield runner, calls, answers
-    await node.close()
+    runner.node.trainer.call = call  # type: ignore[method-assign]
+    return runner, calls, answers
 
 
 @pytest.mark.parametrize("reason", ["PUBLISH_IN_PROGRESS", "PARENT_VERSION_MISMATCH"])
